@@ -1,0 +1,35 @@
+# The README's two commands are `make demo` and `make test`; both set up from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The constraints file pins torch to the local CPU wheel; PIP_CONSTRAINT reaches build isolation too.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv test lint demo sample-data bench clean
+
+$(VENV)/.stamp: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check medssl_monai tests bench
+
+test: venv lint
+	$(PY) -m pytest -q -ra
+
+sample-data: venv
+	$(PY) -m medssl_monai.sample_data sample_data
+
+demo: venv
+	$(PY) -m medssl_monai.demo
+
+bench: venv
+	$(PY) bench/bench_index.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,171 @@
+"""``medssl`` command line: index an export, adapt a table, split a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+logger = logging.getLogger("medssl")
+
+
+def _setup_logging(quiet: bool) -> None:
+    from .data.privacy import silence_pydicom_logger
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    silence_pydicom_logger()
+
+
+def _print_summary(stats: dict, out: Path, pseudonymized: bool) -> None:
+    lines = [
+        f"files seen:            {stats['files_seen']}",
+        f"indexed:               {stats['files_indexed']} files, {stats['instances']} image rows"
+        + (f" ({stats['files_reused']} unchanged files reused)" if stats.get("files_reused") else ""),
+        f"skipped:               {stats['files_skipped']}",
+    ]
+    lines += [f"  {code:<21}{n}" for code, n in stats["skipped_by_reason"].items()]
+    lines += [
+        f"patients:              {stats['patients']}",
+        f"studies:               {stats['studies']}",
+        f"series:                {stats['series']}",
+        f"multi-image patients:  {stats['multi_image_patients']}",
+        f"time:                  {stats['seconds']:.2f} s",
+        f"manifest:              {out}" + ("  (pseudonymised)" if pseudonymized else ""),
+    ]
+    print("\n".join(lines))
+
+
+def _bar_callback(bar):
+    def update(n: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(n)
+
+    return update
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .data.dicom_index import index_tree
+    from .data.manifest import errors_path
+    from .data.pseudonymize import Pseudonymizer
+
+    root = Path(args.root)
+    if not root.exists():
+        print(f"error: {root}: no such file or folder", file=sys.stderr)
+        return 2
+    pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
+    labels = pd.read_csv(args.labels, dtype="string") if args.labels else None
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="file", desc="indexing", file=sys.stderr, disable=None)
+    try:
+        result = index_tree(root, args.out, workers=args.workers, pseudonymizer=pz, incremental=not args.full,
+                            expand_frames=args.expand_frames, labels=labels, label_key=args.label_key,
+                            label_column=args.label_col, progress=_bar_callback(bar) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = result.stats
+    _print_summary(stats, Path(args.out), pz is not None)
+    if stats["instances"] == 0:
+        print(f"error: nothing indexed under {root}: {stats['files_seen']} file(s) seen, all skipped; "
+              f"reasons in {errors_path(args.out)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .data.manifest import write_manifest
+    from .data.pseudonymize import Pseudonymizer
+    from .data.table import table_to_manifest
+
+    pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
+    df = table_to_manifest(args.csv, path_col=args.path_col, group_col=args.group_col,
+                           label_col=args.label_col or None, instance_col=args.instance_col, root=args.root,
+                           pseudonymizer=pz)
+    write_manifest(df, args.out)
+    groups = df.groupby("patient_id").size()
+    print(f"rows: {len(df)}  groups: {len(groups)}  multi-image groups: {int((groups >= 2).sum())}  -> {args.out}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from .data.grouping import LEVELS
+    from .data.manifest import read_manifest, write_manifest
+    from .data.splits import nested_label_fractions, split_groups
+
+    df = read_manifest(args.manifest, resolve_paths=False)
+    fractions = {}
+    for part in args.fractions.split(","):
+        name, _, value = part.partition("=")
+        fractions[name.strip()] = float(value)
+    key = LEVELS[args.level]
+    df = split_groups(df, fractions, group_col=key, label_col=args.label_col, seed=args.seed)
+    if args.label_fractions:
+        fr = [float(x) for x in args.label_fractions.split(",")]
+        df = nested_label_fractions(df, fr, group_col=key, label_col=args.label_col, seed=args.seed)
+    write_manifest(df, args.out or args.manifest)
+    counts = df.groupby("split")[key].nunique().to_dict()
+    print(f"groups per split: {counts} -> {args.out or args.manifest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medssl", description=__doc__)
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("index", help="index a DICOM/NIfTI folder tree (headers only) into a manifest CSV")
+    s.add_argument("root", help="folder (a PACS export, with or without DICOMDIR) or a single file")
+    s.add_argument("--out", required=True, help="manifest CSV; errors go to <out>.errors.csv")
+    s.add_argument("--workers", type=int, default=1, help="processes reading headers in parallel")
+    s.add_argument("--pseudonymize", metavar="SALT_FILE",
+                   help="hash patient ids and UIDs with this secret salt (created if absent); paths become keys")
+    s.add_argument("--full", action="store_true", help="re-read every file even if the manifest exists")
+    s.add_argument("--expand-frames", action="store_true", help="one row per frame of multi-frame objects")
+    s.add_argument("--labels", help="CSV of labels joined on --label-key (original, un-hashed ids)")
+    s.add_argument("--label-key", default="patient_id", help="patient_id | study_uid | series_uid | sop_uid")
+    s.add_argument("--label-col", default="label", help="column of --labels holding the label")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("table", help="turn a CSV of image paths with a group column into a manifest")
+    s.add_argument("csv")
+    s.add_argument("--out", required=True)
+    s.add_argument("--path-col", default="path")
+    s.add_argument("--group-col", default="patient_id", help="grouping key, e.g. lesion_id for HAM10000")
+    s.add_argument("--label-col", default="label", help="label column (e.g. dx); empty for none")
+    s.add_argument("--instance-col", default=None, help="per-image id column (e.g. image_id)")
+    s.add_argument("--root", default=None, help="folder relative paths start from (default: the CSV's)")
+    s.add_argument("--pseudonymize", metavar="SALT_FILE")
+    s.set_defaults(func=cmd_table)
+
+    s = sub.add_parser("split", help="patient-level train/val/test split and nested label fractions")
+    s.add_argument("manifest")
+    s.add_argument("--out", default=None, help="output manifest (default: overwrite the input)")
+    s.add_argument("--level", default="patient", choices=["patient", "study", "series"])
+    s.add_argument("--fractions", default="train=0.7,val=0.15,test=0.15")
+    s.add_argument("--label-fractions", default="0.01,0.1,0.2,1.0", help="nested; empty to skip")
+    s.add_argument("--label-col", default="label")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_split)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Data layer: index image exports into manifests, group them, split them, and load their pixels."""
+
+from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
+from .grouping import LEVELS, MultiInstanceIndex
+from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
+from .pseudonymize import Pseudonymizer, load_or_create_salt
+from .reader import LoadManifestImage, LoadManifestImaged, MissingCodecError, read_dicom_frame, read_series
+from .splits import LeakageError, check_no_leakage, fraction_column, nested_label_fractions, split_groups
+from .table import table_to_manifest
+
+__all__ = [
+    "LEVELS",
+    "MANIFEST_COLUMNS",
+    "IndexResult",
+    "LeakageError",
+    "LoadManifestImage",
+    "LoadManifestImaged",
+    "MissingCodecError",
+    "MultiInstanceIndex",
+    "Pseudonymizer",
+    "SkipFile",
+    "check_no_leakage",
+    "errors_path",
+    "fraction_column",
+    "index_tree",
+    "load_or_create_salt",
+    "nested_label_fractions",
+    "read_dicom_frame",
+    "read_dicom_header",
+    "read_manifest",
+    "read_series",
+    "split_groups",
+    "summarize",
+    "table_to_manifest",
+    "write_manifest",
+]

@@ -1,0 +1,166 @@
+"""The manifest: one table row per image instance, the hand-over format between the data layer and training.
+
+Every source (a DICOM tree, a CSV of image paths, NIfTI volumes) is turned into the same columns so that
+grouping, splitting and loading never need to know where an image came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = [
+    "ERROR_COLUMNS",
+    "ID_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "PATHMAP_PREFIX",
+    "atomic_write_text",
+    "errors_path",
+    "meta_path",
+    "normalize_dtypes",
+    "pathmap_path",
+    "read_manifest",
+    "write_manifest",
+]
+
+#: Columns every manifest has, in order (extra columns such as labels or split flags follow).
+MANIFEST_COLUMNS: list[str] = [
+    "path",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "instance_number",
+    "modality",
+    "view_position",
+    "body_part",
+    "rows",
+    "columns",
+    "frames",
+    "frame_index",
+    "slice_index",
+    "photometric",
+    "transfer_syntax",
+    "label",
+    "source",
+    "file_size",
+    "file_mtime_ns",
+]
+#: Identifier columns: always read as strings (a PatientID such as ``007`` must keep its zeros).
+ID_COLUMNS = ["path", "patient_id", "study_uid", "series_uid", "sop_uid", "label"]
+INT_COLUMNS = ["instance_number", "rows", "columns", "frames", "frame_index", "slice_index", "file_size"]
+ERROR_COLUMNS = ["path", "reason", "code", "file_size", "file_mtime_ns"]
+#: In a pseudonymised manifest, ``path`` holds ``pm:<key>``; the real path lives in the private path map.
+PATHMAP_PREFIX = "pm:"
+
+
+def errors_path(manifest: str | os.PathLike) -> Path:
+    """``manifest.csv`` -> ``manifest.errors.csv``."""
+    p = Path(manifest)
+    return p.with_name(p.stem + ".errors.csv")
+
+
+def pathmap_path(manifest: str | os.PathLike) -> Path:
+    """``manifest.csv`` -> ``manifest.pathmap.csv`` (private: maps opaque keys back to file paths)."""
+    p = Path(manifest)
+    return p.with_name(p.stem + ".pathmap.csv")
+
+
+def meta_path(manifest: str | os.PathLike) -> Path:
+    """``manifest.csv`` -> ``manifest.meta.json`` (how the manifest was made, for incremental re-indexing)."""
+    p = Path(manifest)
+    return p.with_name(p.stem + ".meta.json")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    """Write a file so that a reader sees the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        if mode is None:  # mkstemp makes 0600 files; a manifest gets the usual umask-derived mode
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _order(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    columns = list(columns)
+    for c in columns:
+        if c not in df.columns:
+            df[c] = pd.NA
+    extra = [c for c in df.columns if c not in columns]
+    return df[columns + extra]
+
+
+def normalize_dtypes(df: pd.DataFrame) -> pd.DataFrame:
+    """Give a manifest its canonical column order and dtypes (ids as strings, counts as nullable ints)."""
+    df = _order(df, MANIFEST_COLUMNS)
+    for c in [*ID_COLUMNS, "modality", "view_position", "body_part", "photometric", "transfer_syntax", "source"]:
+        df[c] = df[c].astype("string").replace("", pd.NA)  # CSV cannot tell "" from missing
+    for c in INT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    df["file_mtime_ns"] = pd.to_numeric(df["file_mtime_ns"], errors="coerce").astype("Int64")
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike, columns: Iterable[str] = MANIFEST_COLUMNS) -> None:
+    """Write a manifest (or an errors table with ``columns=ERROR_COLUMNS``) atomically."""
+    df = _order(df.copy(), columns)
+    for c in INT_COLUMNS:
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.DataFrame:
+    """Read a manifest with identifiers kept as strings.
+
+    Relative paths are resolved against the manifest's folder; in a pseudonymised manifest, ``pm:`` keys are
+    resolved through the private path map next to it when it is there (``resolve_paths=False`` keeps keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    df = pd.read_csv(path, dtype={c: "string" for c in [*ID_COLUMNS, "modality", "view_position", "body_part"]},
+                     keep_default_na=True)
+    df = normalize_dtypes(df)
+    if not resolve_paths or df.empty:
+        return df
+    keyed = df["path"].str.startswith(PATHMAP_PREFIX).fillna(False)
+    if keyed.any():
+        pm = pathmap_path(path)
+        if not pm.is_file():
+            raise FileNotFoundError(
+                f"{path} is pseudonymised and its paths are opaque keys, but the private path map {pm} "
+                "is missing: keep it beside the manifest (it is written with the manifest, mode 0600)")
+        mapping = pd.read_csv(pm, dtype="string").set_index("key")["path"]
+        df.loc[keyed, "path"] = df.loc[keyed, "path"].map(mapping)
+        if df.loc[keyed, "path"].isna().any():
+            raise KeyError(f"{pm} lacks entries for some keys of {path}: re-run the index")
+    base = path.parent.resolve()
+    df["path"] = pd.array([p if os.path.isabs(p) else str(base / p) for p in df["path"]], dtype="string")
+    return df
+
+
+def read_meta(manifest: str | os.PathLike) -> dict:
+    p = meta_path(manifest)
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
