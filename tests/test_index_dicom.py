@@ -21,7 +21,7 @@ TRUTH_COLUMNS = {"PatientID": "patient_id", "StudyInstanceUID": "study_uid", "Se
 
 def _truth(dicom_data: Path) -> pd.DataFrame:
     truth = pd.read_csv(dicom_data / "index.csv", dtype=str)
-    truth["abs"] = [str((dicom_data / p).resolve()) for p in truth["path"]]
+    truth["abs"] = [os.path.abspath(dicom_data / p) for p in truth["path"]]
     return truth
 
 
