@@ -251,32 +251,31 @@ def read_nifti_header(path: str) -> list[dict[str, Any]]:
     ]
 
 
-def _read_file(path: str, expand_frames: bool) -> tuple[str, int, int, list[dict] | None, str | None, str | None]:
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        return path, 0, 0, None, "unreadable", f"cannot stat file ({err.strerror})"
+def _read_file(entry: tuple[str, int, int], expand_frames: bool
+               ) -> tuple[str, int, int, list[dict] | None, str | None, str | None]:
+    """Read one listed file ``(path, size, mtime_ns)``; never raises for a bad file."""
+    path, size, mtime = entry
     try:
         if path.lower().endswith(NIFTI_SUFFIXES):
             rows = read_nifti_header(path)
         else:
-            row = read_dicom_header(path, st.st_size)
+            row = read_dicom_header(path, size)
             if expand_frames and row["frames"] > 1:
                 rows = [{**row, "frame_index": i} for i in range(row["frames"])]
             else:
                 rows = [row]
-        return path, st.st_size, st.st_mtime_ns, rows, None, None
+        return path, size, mtime, rows, None, None
     except SkipFile as skip:
-        return path, st.st_size, st.st_mtime_ns, None, skip.code, skip.reason
+        return path, size, mtime, None, skip.code, skip.reason
     except PermissionError:
-        return path, st.st_size, st.st_mtime_ns, None, "unreadable", "permission denied"
+        return path, size, mtime, None, "unreadable", "permission denied"
     except OSError as err:
-        return path, st.st_size, st.st_mtime_ns, None, "unreadable", f"cannot read file ({err.strerror})"
+        return path, size, mtime, None, "unreadable", f"cannot read file ({err.strerror})"
 
 
-def _read_chunk(paths: Sequence[str], expand_frames: bool) -> list[tuple]:
+def _read_chunk(entries: Sequence[tuple[str, int, int]], expand_frames: bool) -> list[tuple]:
     silence_pydicom_logger()  # worker processes too
-    return [_read_file(p, expand_frames) for p in paths]
+    return [_read_file(e, expand_frames) for e in entries]
 
 
 def iter_files(root: str | os.PathLike, exclude: set[str] = frozenset()) -> Iterator[tuple[str, int, int]]:
@@ -400,13 +399,13 @@ def index_tree(
         else:
             logger.warning("previous manifest was made with other options or another salt: indexing everything")
 
-    to_read: list[str] = []
+    to_read: list[tuple[str, int, int]] = []
     reuse: set[str] = set()
     for p, size, mtime in listing:
         if stamps.get(p) == (size, mtime):
             reuse.add(p)
         else:
-            to_read.append(p)
+            to_read.append((p, size, mtime))
     if progress and reuse:
         progress(len(reuse), len(files))
 
