@@ -3,6 +3,7 @@
 from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
 from .grouping import LEVELS, MultiInstanceIndex
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
+from .pairs import ContrastivePairDataset
 from .pseudonymize import Pseudonymizer, load_or_create_salt
 from .reader import LoadManifestImage, LoadManifestImaged, MissingCodecError, read_dicom_frame, read_series
 from .splits import LeakageError, check_no_leakage, fraction_column, nested_label_fractions, split_groups
@@ -11,6 +12,7 @@ from .table import table_to_manifest
 __all__ = [
     "LEVELS",
     "MANIFEST_COLUMNS",
+    "ContrastivePairDataset",
     "IndexResult",
     "LeakageError",
     "LoadManifestImage",
