@@ -129,7 +129,6 @@ def test_register_custom_backbone_and_protocol_check():
     ],
 )
 def test_resnet_param_count_matches_torchvision(name, reference):
-    assert reference in (11_176_512, 23_508_032)
     with torch.device("meta"):
         assert n_params(get_backbone(name)) == reference
 

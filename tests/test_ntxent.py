@@ -175,6 +175,8 @@ def test_bf16_autocast_and_inputs_use_float32_logits():
 def test_input_validation():
     with pytest.raises(ValueError):
         NTXentLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ntxent_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=-0.1)
     with pytest.raises(ValueError):
         NTXentLoss(same_group="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -252,7 +254,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         assert p.returncode == 0, f"rank {r} failed:\n{log}"
 
     worker = _load_worker()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     assert set(results[0]) == set(worker.SCENARIOS)
     for name, (sizes, _, _, ddp) in worker.SCENARIOS.items():
         ref = _single_process(worker, name)

@@ -13,7 +13,12 @@ import torch
 from monai.data import DataLoader
 from monai.transforms import Compose
 
-from medssl_monai.data import ContrastivePairDataset, LoadManifestImaged, MultiInstanceIndex, table_to_manifest
+from medssl_monai.data import (
+    ContrastivePairDataset,
+    LoadManifestImaged,
+    MultiInstanceIndex,
+    table_to_manifest,
+)
 from medssl_monai.losses import NTXentLoss
 from medssl_monai.transforms import ContrastiveViewsd
 

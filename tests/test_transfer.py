@@ -218,6 +218,26 @@ def test_first_k_with_slimmed_resnet_top():
     assert all(k.startswith(("layer3.", "layer4.")) for k in report.untouched)
 
 
+def test_first_k_reports_unknown_keys_inside_reused_stages():
+    source = small_cbr().state_dict()
+    source["block1.cbr.conv.bias"] = torch.zeros(8)  # trained with a conv bias the target lacks: a problem
+    source["block3.cbr.conv.bias"] = torch.zeros(16)  # beyond k: deliberately not used
+    source["layer1.0.conv1.weight"] = torch.zeros(1)  # belongs to no stage of this backbone
+    target = small_cbr()
+    before = snapshot(target)
+    with pytest.raises(WeightTransferError, match=r"block1\.cbr\.conv\.bias"):
+        load_backbone_weights(target, source, mode="first_k", k=2)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    report = load_backbone_weights(target, source, mode="first_k", k=2, strict=False)
+    assert report.unexpected == ["block1.cbr.conv.bias"]
+    assert {"block3.cbr.conv.bias", "layer1.0.conv1.weight"} <= set(report.skipped)
+    # the same holds for the ResNet stem, a view over MONAI's conv1/bn1 rather than a submodule
+    resnet = get_backbone("resnet18").state_dict()
+    resnet["conv1.bias"] = torch.zeros(64)
+    report = load_backbone_weights(get_backbone("resnet18"), resnet, mode="first_k", k=1, strict=False)
+    assert report.unexpected == ["conv1.bias"]
+
+
 def test_first_k_argument_checks():
     model = small_cbr()
     with pytest.raises(ValueError, match="needs k"):

@@ -70,6 +70,15 @@ def test_ensure_float_image_layouts_and_ranges():
     out = EnsureFloatImage()(ct)
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
 
+    # MONAI's LoadImage hands 8-bit files over as float32 in [0, 255]: scaled like uint8, not stretched
+    dim = MetaTensor(torch.from_numpy(hwc.transpose(2, 0, 1).astype(np.float32) // 2))
+    np.testing.assert_allclose(
+        EnsureFloatImage()(dim).numpy(), (hwc.transpose(2, 0, 1) // 2) / 255.0, atol=1e-6
+    )
+    ramp = torch.linspace(10.5, 200.5, 16).reshape(1, 4, 4)  # not integer-valued: min-max rescaled
+    out = EnsureFloatImage()(ramp)
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+
     rgba = rng.integers(0, 256, (8, 9, 4), dtype=np.uint8)
     assert EnsureFloatImage()(rgba).shape == (3, 8, 9)
 
@@ -91,6 +100,7 @@ def test_random_resized_crop_shape_and_metatensor():
     assert isinstance(out, MetaTensor)
     assert out.shape == (3, 32, 40) and out.dtype == torch.float32
     assert out.meta["filename_or_obj"] == "x.png"
+    assert out.applied_operations == []  # a crop trace alone would invert to the wrong geometry
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     full = RandomResizedCrop(64, scale=(1.0, 1.0), ratio=(1.0, 1.0))(MetaTensor(_rand_rgb(48, 48)))
     ref_affine = Resize((64, 64), mode="bilinear")(MetaTensor(_rand_rgb(48, 48))).affine
@@ -308,6 +318,9 @@ def test_blur_matches_reference_keeps_constant_and_smooths_noise():
     assert abs(float(out.mean()) - float(noise.mean())) < 5e-3
     const = torch.full((1, 30, 40), 0.37)
     torch.testing.assert_close(blur(const), const)  # reflect padding: no dark border
+    for sigma in (0.2, 1.7):  # unclamped float32 sums give 1.0000002 here; an average must stay in [0, 1]
+        white = torch.ones(3, 32, 32)
+        assert torch.equal(RandGaussianBlur(sigma=(sigma, sigma), prob=1.0)(white), white)
     d = RandGaussianBlurd(keys=("a", "b"), prob=1.0).set_random_state(0)({"a": noise, "b": noise.clone()})
     torch.testing.assert_close(d["a"], d["b"])
 

@@ -46,6 +46,13 @@ SameGroupMode = Literal["mask", "positive"]
 _MODES = ("mask", "positive")
 
 
+def _check_args(temperature: float, same_group: str) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if same_group not in _MODES:
+        raise ValueError(f"same_group must be one of {_MODES}, got {same_group!r}.")
+
+
 def _dist_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -131,8 +138,7 @@ def _ntxent(
         raise ValueError(
             f"z1 and z2 must both be (N, D) with equal shapes, got {tuple(z1.shape)}, {tuple(z2.shape)}."
         )
-    if same_group not in _MODES:
-        raise ValueError(f"same_group must be one of {_MODES}, got {same_group!r}.")
+    _check_args(temperature, same_group)
     n, device = z1.shape[0], z1.device
     # Low-precision inputs are upcast; double stays double (gradcheck).
     dtype = torch.promote_types(z1.dtype, torch.float32)
@@ -244,10 +250,7 @@ class NTXentLoss(torch.nn.Module):
         self, temperature: float = 0.1, same_group: SameGroupMode = "mask", gather_distributed: bool = True
     ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
-        if same_group not in _MODES:
-            raise ValueError(f"same_group must be one of {_MODES}, got {same_group!r}.")
+        _check_args(temperature, same_group)
         self.temperature = float(temperature)
         self.same_group = same_group
         self.gather_distributed = gather_distributed

@@ -67,10 +67,11 @@ class TransferReport:
         stages: stages in scope (all for ``full``; the first k for ``first_k``).
         loaded: model keys that received a value (copied, or redrawn for ``mean_var``).
         missing: model keys in scope without a checkpoint entry.
-        unexpected: checkpoint keys that match nothing in the model (or no known layout).
+        unexpected: checkpoint keys that match nothing in the model (or no known layout); with ``k``, only
+            those inside the first k stages (e.g. a conv bias the model lacks).
         mismatched: model key -> (checkpoint shape, model shape) for in-scope keys whose shapes differ.
-        skipped: checkpoint keys deliberately not used: outside the selected prefix, beyond stage k, ignored
-            by pattern (e.g. torchvision's ``fc.*``), or non-tensor entries.
+        skipped: checkpoint keys deliberately not used: outside the selected prefix, beyond stage k (or in no
+            stage, for ``first_k``), ignored by pattern (e.g. torchvision's ``fc.*``), or non-tensor entries.
         untouched: model keys deliberately left as they were: stages beyond k, ignored patterns, buffers in
             ``mean_var`` mode, and ``num_batches_tracked`` counters absent from older checkpoints.
         adapted: model keys whose value was adapted to fit (first conv to a different number of channels).
@@ -214,6 +215,33 @@ def stage_keys(backbone: nn.Module) -> OrderedDict[str, list[str]]:
     return groups
 
 
+def _stage_of_key(backbone: nn.Module) -> Callable[[str], str | None]:
+    """``key -> stage`` for any key, also one the backbone lacks, by its nearest registered parent module.
+
+    ``first_k`` needs it to tell a checkpoint key *inside* a reused stage that matches nothing (e.g. a conv
+    bias the target does not have: a problem) from a key of a later or absent stage (deliberately skipped).
+    """
+    names: dict[int, list[str]] = {}
+    for name, module in backbone.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    module_stage: dict[str, str] = {}
+    for stage, module in backbone.stages().items():
+        for sub in module.modules():
+            for name in names.get(id(sub), []):
+                module_stage.setdefault(name, stage)
+
+    def stage_of(key: str) -> str | None:
+        parts = key.split(".")[:-1]
+        while parts:
+            stage = module_stage.get(".".join(parts))
+            if stage is not None:
+                return stage
+            parts.pop()
+        return None
+
+    return stage_of
+
+
 def _mean_var_sample(
     source: torch.Tensor, like: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -267,10 +295,12 @@ def _transfer(
         else:
             plan.append((tgt, lambda s=src: s))
         report.loaded.append(key)
+    stage_of = None if k is None else _stage_of_key(backbone)
     for key in source:
         if key in scope:
             continue
-        if k is None and key not in target and not _matches(key, ignore):
+        in_scope = stage_of is None or stage_of(key) in report.stages
+        if key not in target and in_scope and not _matches(key, ignore):
             report.unexpected.append(key)
         else:
             report.skipped.append(key)

@@ -155,8 +155,9 @@ class EnsureFloatImage(Transform):
         channel_dim: where the channels are: an int, ``"no_channel"`` for (H, W) input, or
             ``"auto"`` (by shape: (H, W) has no channel, a 3D array whose last dim is 1/3/4 and first
             is not is channel-last, anything else channel-first).
-        scale: ``"auto"`` divides unsigned integers by their dtype max and min-max rescales anything
-            else outside [0, 1]; ``"minmax"`` always min-max rescales; ``"none"`` only casts.
+        scale: ``"auto"`` divides unsigned integers by their dtype max, and integer-valued floats in
+            [0, 255] (8-bit pixels loaded as float) by 255; it min-max rescales anything else outside
+            [0, 1]; ``"minmax"`` always min-max rescales; ``"none"`` only casts.
         drop_alpha: drop a 4th (alpha) channel of RGBA images.
     """
 
@@ -229,6 +230,10 @@ class EnsureFloatImage(Transform):
         lo, hi = torch.aminmax(t)
         if self.scale == "auto" and lo >= 0 and hi <= 1:
             return t
+        if self.scale == "auto" and lo >= 0 and hi <= 255 and torch.equal(t, t.round()):
+            # 8-bit pixels cast to float (MONAI's LoadImage returns float32 by default): scale like uint8,
+            # not min-max, which would stretch each photo's contrast and erase brightness differences
+            return t / 255.0
         rng = hi - lo
         return (t - lo) / rng if rng > 0 else torch.zeros_like(t)
 
@@ -339,8 +344,11 @@ class RandomResizedCrop(Randomizable, Transform):
         if self.box is None:
             raise RuntimeError("call randomize() before __call__(randomize=False).")
         top, left, h, w = self.box
-        cropped = SpatialCrop(roi_start=(top, left), roi_end=(top + h, left + w))(img)
-        return self._resize(cropped)
+        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + h, left + w))
+        # SpatialCrop updates the affine; its trace would claim a plain (invertible) crop of a view that is
+        # also resized, so nothing is pushed to ``applied_operations`` (as for the other views here).
+        crop.tracing = False
+        return self._resize(crop(img))
 
     def _resize(self, img: torch.Tensor) -> torch.Tensor:
         in_size = tuple(int(s) for s in img.shape[1:])
@@ -667,7 +675,9 @@ class RandGaussianBlur(RandomizableTransform):
             return img
         t = _as_plain_float(img)
         kh, kw = (_gaussian_kernel1d(self.current_sigma, self._kernel_side(int(s))) for s in t.shape[1:])
-        t = _separable_blur(t, kh.tolist(), kw.tolist())
+        lo, hi = torch.aminmax(t)
+        # a normalised kernel averages, but float rounding can step a pixel of 1.0 to 1.0000002
+        t = _separable_blur(t, kh.tolist(), kw.tolist()).clamp_(lo, hi)
         out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)
         return out
 
