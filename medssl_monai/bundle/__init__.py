@@ -1,0 +1,41 @@
+"""Factories and run-time helpers referenced by the bundles' configs (shared by all three bundles)."""
+
+from .data import (
+    classification_dataset,
+    contrastive_dataset,
+    eval_dataset,
+    fit_classes,
+    imagefolder_manifest,
+    knn_monitor,
+    load_rows,
+    make_loader,
+)
+from .run import (
+    bundle_classes,
+    evaluate_classifier,
+    save_classifier_outputs,
+    save_pretraining_outputs,
+    setup_run,
+    write_embeddings,
+    write_predictions,
+)
+from .weights import load_pretrained
+
+__all__ = [
+    "bundle_classes",
+    "classification_dataset",
+    "contrastive_dataset",
+    "eval_dataset",
+    "evaluate_classifier",
+    "fit_classes",
+    "imagefolder_manifest",
+    "knn_monitor",
+    "load_pretrained",
+    "load_rows",
+    "make_loader",
+    "save_classifier_outputs",
+    "save_pretraining_outputs",
+    "setup_run",
+    "write_embeddings",
+    "write_predictions",
+]

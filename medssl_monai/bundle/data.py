@@ -1,0 +1,230 @@
+"""Data factories that the bundles' configs call with ``_target_``/``$`` expressions.
+
+Each bundle takes either ``dataset_dir`` (an ImageNet-style folder) or ``manifest`` (a data-layer CSV);
+these functions turn either into the manifest rows, datasets and loaders the engines expect, so the three
+bundles share one implementation instead of three copies of the same config blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from monai.data import Dataset
+from monai.data.utils import worker_init_fn
+from monai.transforms import Compose, Resized, ToTensord
+
+from ..data import ContrastivePairDataset, LoadManifestImaged, MultiInstanceIndex, read_manifest
+from ..transforms import ContrastiveViewsd, EnsureFloatImaged
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "classification_dataset",
+    "contrastive_dataset",
+    "eval_dataset",
+    "fit_classes",
+    "imagefolder_manifest",
+    "knn_monitor",
+    "load_rows",
+    "make_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPEG")
+
+
+def imagefolder_manifest(dataset_dir: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
+    """Manifest rows for an ImageNet-style folder: ``[split/]<class>/<image>``, or a flat folder of images.
+
+    Natural images have no patients: every image is its own group. ``label`` is the class folder (``None``
+    for a flat folder); ``split`` selects ``dataset_dir/<split>`` when that folder exists.
+    """
+    root = Path(dataset_dir)
+    if split and (root / split).is_dir():
+        root = root / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset_dir {root} does not exist")
+    rows = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix.lower() in {s.lower() for s in IMAGE_SUFFIXES}:
+            rel = p.relative_to(root)
+            label = rel.parts[0] if len(rel.parts) > 1 else None
+            rows.append({"path": str(p.resolve()), "patient_id": str(rel), "label": label, "source": "image"})
+    if not rows:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    df = pd.DataFrame(rows)
+    df["study_uid"] = df["series_uid"] = df["sop_uid"] = df["patient_id"]
+    return df
+
+
+def load_rows(
+    manifest: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    split: str | Sequence[str] | None = None,
+    subset: str | None = None,
+    split_col: str = "split",
+    limit: int | None = None,
+) -> pd.DataFrame:
+    """The rows a bundle trains or evaluates on.
+
+    Args:
+        manifest / dataset_dir: exactly one of them (a manifest wins when both are given).
+        split: keep rows whose ``split_col`` is this value (or one of these); for an image folder, the
+            sub-folder of that name.
+        subset: keep rows where this boolean column is true (e.g. HAM10000's ``mini``, ``labeled_10pct``).
+        limit: keep the first ``limit`` rows (smoke runs).
+    """
+    if manifest:
+        df = read_manifest(manifest)
+        if split is not None and split_col in df.columns:
+            wanted = [split] if isinstance(split, str) else list(split)
+            df = df[df[split_col].isin(wanted)]
+    elif dataset_dir:
+        df = imagefolder_manifest(dataset_dir, split if isinstance(split, str) else None)
+    else:
+        raise ValueError("set either 'manifest' (a data-layer CSV) or 'dataset_dir' (an image folder)")
+    if subset:
+        if subset not in df.columns:
+            raise KeyError(f"subset column {subset!r} not in the manifest (columns: {list(df.columns)})")
+        df = df[df[subset].astype(str).str.lower().isin(["true", "1"])]
+    if limit:
+        df = df.head(int(limit))
+    if df.empty:
+        raise ValueError(f"no rows left (manifest={manifest}, dataset_dir={dataset_dir}, split={split}, subset={subset})")
+    return df.reset_index(drop=True)
+
+
+def contrastive_dataset(
+    rows: pd.DataFrame,
+    pairing: str = "micle",
+    groups: str = "all",
+    level: str = "patient",
+    preset: str = "natural",
+    image_size: int = 64,
+    channels: int = 3,
+    preset_overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> ContrastivePairDataset:
+    """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``."""
+    transform = Compose([
+        LoadManifestImaged(keys=("image_1", "image_2"), channels=channels),
+        ContrastiveViewsd(keys=("image_1", "image_2"), transform=preset, spatial_size=(image_size, image_size),
+                          preset_overrides=preset_overrides),
+        ToTensord(keys=("view_1", "view_2"), track_meta=False),  # plain tensors: cheaper to collate
+    ])
+    return ContrastivePairDataset(MultiInstanceIndex(rows, level=level), transform, pairing=pairing, groups=groups,
+                                  seed=seed)
+
+
+def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
+                 classes: Sequence[str] | None = None) -> Dataset:
+    """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation."""
+    items = []
+    for r in rows.to_dict("records"):
+        # ids, not paths: a pseudonymised manifest's ids are safe to write into outputs, its paths are not
+        item = {"image": r, "sop_uid": str(r.get("sop_uid") or r["path"]), "patient_id": str(r.get("patient_id"))}
+        if classes is not None:
+            label = r.get("label")
+            item["label"] = list(classes).index(label) if isinstance(label, str) and label in classes else -1
+        items.append(item)
+    transform = Compose([
+        LoadManifestImaged(keys="image", channels=channels),
+        EnsureFloatImaged(keys="image", num_channels=channels),
+        Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),  # area: alias-free downscale
+    ])
+    return Dataset(items, transform)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True,
+                drop_last: bool = False, distributed: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader; under ``torch.distributed`` (``ignite.distributed``) each rank gets its own shard.
+
+    ``batch_size`` is per process. MONAI's ``worker_init_fn`` seeds every worker's transforms differently.
+    """
+    import ignite.distributed as idist
+
+    if distributed and idist.get_world_size() > 1:
+        return idist.auto_dataloader(dataset, batch_size=batch_size * idist.get_world_size(), shuffle=shuffle,
+                                     num_workers=num_workers, drop_last=drop_last, worker_init_fn=worker_init_fn)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       drop_last=drop_last, worker_init_fn=worker_init_fn,
+                                       persistent_workers=num_workers > 0)
+
+
+def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_size: int = 64, channels: int = 3,
+                           augment: bool = False, multi_label: bool = False) -> Dataset:
+    """Labelled images for fine-tuning/evaluation: ``{"image", "label", "sop_uid", "patient_id"}``.
+
+    ``augment`` adds the light augmentation fine-tuning uses (random resized crop of 50-100% area and
+    flips); without it images are resized whole, as at inference.
+    """
+    from ..engines.finetune import LabelEncoder
+    from ..transforms import RandomResizedCropd
+
+    encoder = LabelEncoder(list(classes), multi_label=multi_label)
+    items = [{"image": r, "label": encoder.encode(r["label"]), "sop_uid": str(r.get("sop_uid") or r["path"]),
+              "patient_id": str(r.get("patient_id"))} for r in rows.to_dict("records")]
+    load = [LoadManifestImaged(keys="image", channels=channels), EnsureFloatImaged(keys="image", num_channels=channels)]
+    if augment:
+        from monai.transforms import RandFlipd
+
+        spatial = [RandomResizedCropd(keys="image", spatial_size=(image_size, image_size), scale=(0.5, 1.0)),
+                   RandFlipd(keys="image", prob=0.5, spatial_axis=1)]
+    else:
+        spatial = [Resized(keys="image", spatial_size=(image_size, image_size), mode="area")]
+    return Dataset(items, Compose([*load, *spatial, ToTensord(keys="image", track_meta=False)]))
+
+
+def fit_classes(rows: pd.DataFrame, class_names: Sequence[str] | None = None, multi_label: bool = False) -> list[str]:
+    """The class list: ``class_names`` when given (their order is the logits' order), else sorted labels."""
+    if class_names:
+        return [str(c) for c in class_names]
+    from ..engines.finetune import LabelEncoder
+
+    labels = rows["label"].dropna() if "label" in rows.columns else []
+    if len(labels) == 0:
+        raise ValueError("no labels in the manifest: set class_names or use a labelled manifest")
+    return LabelEncoder(multi_label=multi_label).fit(labels).classes
+
+
+class _NoHandler:
+    """Stands in for a disabled handler in a config's handler list."""
+
+    def attach(self, engine: Any) -> None:
+        return None
+
+
+def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = None,
+                dataset_dir: str | os.PathLike | None = None, train_split: str = "train", val_split: str = "val",
+                interval: int = 1, k: int = 20, image_size: int = 64, channels: int = 3, batch_size: int = 64,
+                num_workers: int = 0, max_images: int = 2000, device: str | torch.device = "cpu",
+                summary_writer: Any = None) -> Any:
+    """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
+    (``interval <= 0``, no labels, or no validation split)."""
+    from ..engines.knn import KNNMonitor
+
+    if interval <= 0:
+        return _NoHandler()
+    try:
+        train = load_rows(manifest, dataset_dir, split=train_split)
+        val = load_rows(manifest, dataset_dir, split=val_split)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        logger.info("k-NN monitor off: %s", err)
+        return _NoHandler()
+    train, val = (df[df["label"].notna()] if "label" in df.columns else df.iloc[:0] for df in (train, val))
+    if train.empty or val.empty:
+        logger.info("k-NN monitor off: no labelled train/val images")
+        return _NoHandler()
+    train = train.sample(n=min(max_images, len(train)), random_state=0)
+    val = val.sample(n=min(max_images, len(val)), random_state=0)
+    classes = sorted(set(train["label"]) | set(val["label"]))
+    loaders = [make_loader(eval_dataset(df, image_size, channels, classes), batch_size, num_workers, shuffle=False)
+               for df in (train, val)]
+    return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
+                      summary_writer=summary_writer, num_classes=len(classes))

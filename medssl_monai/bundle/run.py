@@ -1,0 +1,154 @@
+"""Run-time helpers the bundles call from ``initialize``/``finalize``: logging, outputs, embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data.manifest import atomic_write_text
+from ..data.privacy import silence_pydicom_logger
+
+__all__ = [
+    "bundle_classes",
+    "evaluate_classifier",
+    "save_classifier_outputs",
+    "save_pretraining_outputs",
+    "setup_run",
+    "write_embeddings",
+    "write_predictions",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log") -> Path:
+    """Create ``output_dir`` and add a plain log file there (the console handler comes from logging.conf).
+
+    pydicom's logger is detached from these handlers: its warnings quote element values (patient names).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / log_name
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path.resolve() for h in root.handlers):
+        fh = logging.FileHandler(log_path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    silence_pydicom_logger()
+    # MONAI announces at every import that an optional GPU codec is absent: noise in a CPU run's log
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    return out
+
+
+def _save_state(module: nn.Module, path: Path) -> None:
+    from ..engines.checkpoint import save_model_atomic
+
+    save_model_atomic(module, path)
+
+
+def save_pretraining_outputs(ssl_model: nn.Module, models_dir: str | os.PathLike) -> Path:
+    """Write ``model.pt`` (the backbone: what the bundle's ``network_def`` is and what the next phase loads)
+    and ``projection_head.pt`` (for SimCLRv2-style fine-tuning from a middle head layer), atomically."""
+    models = Path(models_dir)
+    models.mkdir(parents=True, exist_ok=True)
+    _save_state(ssl_model.backbone, models / "model.pt")
+    _save_state(ssl_model.projection_head, models / "projection_head.pt")
+    logger.info("saved %s and %s", models / "model.pt", models / "projection_head.pt")
+    return models / "model.pt"
+
+
+@torch.no_grad()
+def write_embeddings(network: nn.Module, loader: torch.utils.data.DataLoader, out_csv: str | os.PathLike,
+                     device: torch.device | str = "cpu", id_keys: tuple[str, ...] = ("sop_uid", "patient_id")) -> Path:
+    """Backbone features for every image of ``loader`` as a table: ``sop_uid, patient_id, f0 .. f{D-1}``."""
+    network = network.to(device).eval()
+    ids: dict[str, list[str]] = {k: [] for k in id_keys}
+    feats: list[torch.Tensor] = []
+    for batch in loader:
+        feats.append(network(torch.as_tensor(batch["image"]).to(device)).float().cpu())
+        for k in id_keys:
+            ids[k].extend(map(str, batch[k]))
+    table = torch.cat(feats).numpy()
+    df = pd.DataFrame(table, columns=[f"f{i}" for i in range(table.shape[1])])
+    for i, k in enumerate(id_keys):
+        df.insert(i, k, ids[k])
+    out = Path(out_csv)
+    atomic_write_text(out, df.to_csv(index=False, float_format="%.6g"))
+    logger.info("wrote %d embeddings of dimension %d to %s", len(df), table.shape[1], out)
+    return out
+
+
+def bundle_classes(bundle_root: str | os.PathLike) -> list[str]:
+    """Class names of a classifier bundle: ``models/classes.json`` (written by training), else the metadata's
+    output ``channel_def`` (what MONAI Label shows)."""
+    root = Path(bundle_root)
+    trained = root / "models" / "classes.json"
+    if trained.is_file():
+        return list(json.loads(trained.read_text()))
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    channel_def = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
+    return [channel_def[str(i)] for i in range(len(channel_def))]
+
+
+def save_classifier_outputs(network: nn.Module, classes: list[str], models_dir: str | os.PathLike) -> Path:
+    """``models/model.pt`` (the whole classifier) and ``models/classes.json`` (logit order), atomically."""
+    from ..engines.checkpoint import save_model_atomic
+
+    models = Path(models_dir)
+    save_model_atomic(network, models / "model.pt")
+    atomic_write_text(models / "classes.json", json.dumps(list(classes), indent=1) + "\n")
+    return models / "model.pt"
+
+
+@torch.no_grad()
+def write_predictions(network: nn.Module, loader: torch.utils.data.DataLoader, classes: list[str],
+                      out_csv: str | os.PathLike, device: torch.device | str = "cpu", multi_label: bool = False) -> Path:
+    """Class probabilities per image: ``sop_uid, patient_id, prob_<class>..., pred`` (CSV, atomic)."""
+    network = network.to(device).eval()
+    rows = []
+    for batch in loader:
+        logits = network(torch.as_tensor(batch["image"]).to(device)).float()
+        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+        for i, p in enumerate(probs.cpu().tolist()):
+            row = {"sop_uid": batch["sop_uid"][i], "patient_id": batch["patient_id"][i]}
+            row.update({f"prob_{c}": v for c, v in zip(classes, p)})
+            row["pred"] = "|".join(c for c, v in zip(classes, p) if v >= 0.5) if multi_label \
+                else classes[int(max(range(len(p)), key=p.__getitem__))]
+            rows.append(row)
+    out = Path(out_csv)
+    atomic_write_text(out, pd.DataFrame(rows).to_csv(index=False, float_format="%.6f"))
+    logger.info("wrote class probabilities of %d images to %s", len(rows), out)
+    return out
+
+
+def evaluate_classifier(network: nn.Module, loader: torch.utils.data.DataLoader, classes: list[str],
+                        output_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                        multi_label: bool = False) -> dict[str, float]:
+    """Run a MONAI ``SupervisedEvaluator`` with the classification metrics; write ``metrics.json`` and the
+    confusion matrix (CSV + PNG) to ``output_dir``."""
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import Activationsd
+
+    from ..engines.metrics import ConfusionMatrixWriter, attach_classification_metrics
+
+    out = Path(output_dir)
+    post = Activationsd(keys="pred", sigmoid=multi_label, softmax=not multi_label)
+    evaluator = SupervisedEvaluator(device=torch.device(device), val_data_loader=loader, network=network.to(device),
+                                    postprocessing=post)
+    attach_classification_metrics(evaluator, len(classes), multi_label, class_names=classes)
+    if not multi_label:
+        ConfusionMatrixWriter(out, classes).attach(evaluator)
+    evaluator.run()
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or
+               (torch.is_tensor(v) and v.numel() == 1)}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    logger.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    return metrics

@@ -1,0 +1,244 @@
+"""Weighted k-nearest-neighbour accuracy of frozen features: the cheap validation monitor of SSL pretraining.
+
+Linear evaluation needs its own training run; a kNN classifier on the current backbone's features needs only
+two forward passes over labelled data, so it can run every few epochs and show whether the representation
+improves (as in InstDisc, DINO and solo-learn). Votes are weighted by ``exp(cosine_similarity / T)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from .checkpoint import RNGState
+
+__all__ = ["KNNMonitor", "extract_features", "knn_accuracy", "knn_predict"]
+
+logger = logging.getLogger(__name__)
+
+_AMP = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(train_features.shape)} and "
+                         f"{tuple(test_features.shape)}")
+    train_labels = torch.as_tensor(train_labels, device=train_features.device).long().reshape(-1)
+    if train_labels.numel() != train_features.shape[0]:
+        raise ValueError(f"{train_labels.numel()} train labels for {train_features.shape[0]} train features")
+    if train_labels.numel() == 0:
+        raise ValueError("empty feature bank")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    k = min(k, train_features.shape[0])
+    bank = nn.functional.normalize(train_features.float(), dim=1)
+    test_features = test_features.to(bank.device)
+    scores = []
+    for start in range(0, test_features.shape[0], chunk_size):  # bounds the (chunk x N_train) similarity matrix
+        query = nn.functional.normalize(test_features[start:start + chunk_size].float(), dim=1)
+        sim, idx = (query @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, device=bank.device)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        scores.append(votes)
+    if not scores:
+        return torch.zeros(0, num_classes, device=bank.device)
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Predicted labels ``(N_test,)`` by weighted kNN on cosine similarity.
+
+    Each test sample takes its ``k`` most similar train samples; each neighbour votes for its class with weight
+    ``exp(sim / temperature)`` (InstDisc / solo-learn); the class with the largest total wins (ties: lowest
+    class index). ``num_classes`` defaults to ``max(train_labels) + 1``. Computed on the device of
+    ``train_features``, ``chunk_size`` test samples at a time.
+    """
+    scores = _knn_scores(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
+    return scores.argmax(dim=1)
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> float:
+    """Top-1 accuracy (in [0, 1]) of :func:`knn_predict` against ``test_labels``."""
+    pred = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
+    test_labels = torch.as_tensor(test_labels, device=pred.device).long().reshape(-1)
+    if test_labels.numel() != pred.numel():
+        raise ValueError(f"{test_labels.numel()} test labels for {pred.numel()} test features")
+    if pred.numel() == 0:
+        raise ValueError("no test samples")
+    return (pred == test_labels).float().mean().item()
+
+
+def _split_batch(batch: Any, image_key: str, label_key: str) -> tuple[torch.Tensor, Any]:
+    if isinstance(batch, Mapping):
+        return batch[image_key], batch[label_key]
+    if isinstance(batch, Sequence) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"batches must be dicts with '{image_key}'/'{label_key}' or (image, label) pairs, "
+                    f"got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    image_key: str = "image",
+    label_key: str = "label",
+    amp: Literal["bf16", "fp16", "none"] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, D) float32 on CPU, labels (N,) int64)`` of ``backbone`` over ``loader``.
+
+    Runs in eval mode (batch norm uses its running statistics, as a deployed model would) without autograd,
+    one batch at a time, and puts the backbone back in the mode it was in: it is called from inside training.
+    Features go to the CPU as they are computed so that GPU memory holds one batch, not the whole set. A model
+    returning a tuple (e.g. ``SSLModel``: features, projections) contributes its first element: the kNN
+    monitor evaluates the backbone features, not the projections (SimCLR's finding: they are better).
+    """
+    if amp not in _AMP:
+        raise ValueError(f"amp must be one of {sorted(k for k in _AMP if k)} or None, got {amp!r}")
+    device = torch.device(device)
+    amp_dtype = _AMP[amp]
+    was_training = backbone.training
+    backbone.eval()
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            images, targets = _split_batch(batch, image_key, label_key)
+            x = torch.as_tensor(images).as_subclass(torch.Tensor).to(device, non_blocking=True)
+            ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                out = backbone(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.as_subclass(torch.Tensor).float().reshape(out.shape[0], -1)
+            y = torch.as_tensor(targets).as_subclass(torch.Tensor).long().reshape(-1)
+            if y.numel() != out.shape[0]:
+                raise ValueError(f"batch has {out.shape[0]} images but {y.numel()} labels under '{label_key}' "
+                                 "(class indices expected, not one-hot)")
+            feats.append(out.cpu())
+            labels.append(y.cpu())
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(feats), torch.cat(labels)
+
+
+class KNNMonitor:
+    """Ignite handler: top-1 weighted-kNN accuracy of the frozen backbone every ``interval`` epochs.
+
+    Features of ``train_loader`` form the bank, ``val_loader`` is classified against it. The result goes to
+    ``trainer.state.metrics[name]``, to the log, and to ``summary_writer`` (step: epoch) if given.
+
+    The global RNGs (torch, numpy, python) are saved before and restored after the evaluation: iterating a
+    ``DataLoader`` draws a seed from torch's RNG, and a monitor must not change the training run it watches
+    (nor break the bit-exact resume of :class:`~medssl_monai.engines.checkpoint.TrainingCheckpoint`).
+
+    Args:
+        backbone: the feature extractor (``(N, ...) -> (N, D)``), typically ``ssl_model.backbone``.
+        train_loader, val_loader: labelled loaders without random augmentation (dicts with ``image_key`` and
+            ``label_key``, or ``(image, label)`` pairs).
+        interval: epochs between evaluations.
+        k, temperature: as :func:`knn_predict` (solo-learn defaults).
+        device: where the backbone runs and the kNN is computed.
+        name: metric name.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with ``add_scalar``).
+        amp: ``None``, ``"bf16"`` or ``"fp16"`` autocast for the forward passes.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        interval: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        device: torch.device | str = "cpu",
+        name: str = "knn_top1",
+        summary_writer: Any = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        amp: Literal["bf16", "fp16", "none"] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.backbone = backbone
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.interval = interval
+        self.k = k
+        self.temperature = temperature
+        self.device = torch.device(device)
+        self.name = name
+        self.summary_writer = summary_writer
+        self.image_key = image_key
+        self.label_key = label_key
+        self.amp = amp
+        self.num_classes = num_classes
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def compute(self) -> float:
+        """kNN top-1 accuracy of the backbone now (RNG state preserved)."""
+        rng = RNGState()
+        saved = rng.state_dict()
+        try:
+            kw = {"device": self.device, "image_key": self.image_key, "label_key": self.label_key, "amp": self.amp}
+            bank, bank_labels = extract_features(self.backbone, self.train_loader, **kw)
+            query, query_labels = extract_features(self.backbone, self.val_loader, **kw)
+            num_classes = self.num_classes
+            if num_classes is None:
+                num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+            return knn_accuracy(bank.to(self.device), bank_labels, query, query_labels, k=self.k,
+                                temperature=self.temperature, num_classes=num_classes)
+        finally:
+            rng.load_state_dict(saved)
+
+    def __call__(self, engine: Engine) -> None:
+        acc = self.compute()
+        engine.state.metrics[self.name] = acc
+        epoch = engine.state.epoch
+        logger.info("Epoch[%d] %s: %.4f", epoch, self.name, acc)
+        if self.summary_writer is not None:
+            self.summary_writer.add_scalar(self.name, acc, epoch)
