@@ -6,7 +6,7 @@ Each bundle is copied to a temporary folder (a run writes ``models/`` and ``outp
 
 from __future__ import annotations
 
-
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +20,7 @@ import torch
 from medssl_monai.data import table_to_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["simclr_natural", "micle_medical"]
+BUNDLES = ["simclr_natural", "micle_medical", "finetune_classification"]
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 
 
@@ -70,7 +70,12 @@ def pretrained(tmp_path_factory) -> dict[str, Path]:
                  "--manifest", str(manifest), "--max_epochs", "1", "--batch_size", "16", "--image_size", "32",
                  "--backbone", "resnet18", "--limit", "96", "--knn_interval", "1",
                  "--pretrained_ckpt", str(p1 / "models/model.pt"))
-    return {"p1": p1, "p2": p2, "manifest": manifest}
+    p3 = copy_bundle("finetune_classification", tmp)
+    monai_bundle("run", "--bundle_root", str(p3), "--config_file", str(p3 / "configs/train.json"),
+                 "--manifest", str(manifest), "--max_epochs", "2", "--batch_size", "16", "--image_size", "32",
+                 "--backbone", "resnet18", "--label_fraction", "1.0",
+                 "--pretrained_ckpt", str(p2 / "models/model.pt"))
+    return {"p1": p1, "p2": p2, "p3": p3, "manifest": manifest}
 
 
 def test_phase1_outputs(pretrained: dict[str, Path]) -> None:
@@ -111,16 +116,86 @@ def test_inference_writes_embeddings(pretrained: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("name", BUNDLES)
 def test_verify_net_in_out_and_torchscript_export(name: str, pretrained: dict[str, Path], tmp_path: Path) -> None:
-    root = pretrained["p1" if name == "simclr_natural" else "p2"]
+    root = pretrained[{"simclr_natural": "p1", "micle_medical": "p2", "finetune_classification": "p3"}[name]]
     cfg, meta = str(root / "configs/inference.json"), str(root / "configs/metadata.json")
-    monai_bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", cfg)
+    monai_bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", cfg,
+                 "--bundle_root", str(root))
     ts = tmp_path / "model.ts"
     monai_bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models/model.pt"),
-                 "--meta_file", meta, "--config_file", cfg, "--use_trace", "True", "--input_shape", "[1, 3, 64, 64]")
+                 "--meta_file", meta, "--config_file", cfg, "--bundle_root", str(root), "--use_trace", "True",
+                 "--input_shape", "[1, 3, 64, 64]")
     scripted = torch.jit.load(str(ts))
-    from medssl_monai.networks import get_backbone
+    from monai.bundle import ConfigParser
 
-    eager = get_backbone("resnet18").eval()
+    parser = ConfigParser()
+    parser.read_config(cfg)
+    parser["bundle_root"] = str(root)
+    eager = parser.get_parsed_content("network_def").eval()
     eager.load_state_dict(torch.load(root / "models/model.pt", weights_only=True))
     x = torch.rand(2, 3, 64, 64)
     assert torch.allclose(scripted(x), eager(x), atol=1e-4)
+
+
+def test_phase3_finetunes_from_phase2(pretrained: dict[str, Path]) -> None:
+    p3 = pretrained["p3"]
+    log = (p3 / "output/train.log").read_text()
+    assert "pretrained model.pt -> backbone: mode=full" in log and "missing 0" in log
+    m = pd.read_csv(pretrained["manifest"])
+    classes = sorted(m["label"].dropna().unique())
+    assert json.loads((p3 / "models/classes.json").read_text()) == classes
+    meta = json.loads((p3 / "configs/metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {str(i): c for i, c in enumerate(classes)}
+    cm = pd.read_csv(p3 / "output/confusion_matrix.csv", index_col=0)
+    assert list(cm.index) == classes and int(cm.to_numpy().sum()) == int((m["split"] == "val").sum())
+    assert (p3 / "output/confusion_matrix.png").stat().st_size > 1000
+    backbone_p2 = torch.load(pretrained["p2"] / "models/model.pt", weights_only=True)
+    clf = torch.load(p3 / "models/model.pt", weights_only=True)
+    assert set(backbone_p2) == {k.removeprefix("backbone.") for k in clf if k.startswith("backbone.")}
+
+
+def test_evaluate_and_predict(pretrained: dict[str, Path]) -> None:
+    p3, manifest = pretrained["p3"], pretrained["manifest"]
+    monai_bundle("run", "--bundle_root", str(p3), "--config_file", str(p3 / "configs/evaluate.json"),
+                 "--manifest", str(manifest), "--eval_split", "val", "--image_size", "32")
+    metrics = json.loads((p3 / "output/eval_val/metrics.json").read_text())
+    assert {"accuracy", "balanced_accuracy", "auc_macro"} <= set(metrics)
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and 0.0 <= metrics["auc_macro"] <= 1.0
+    monai_bundle("run", "--bundle_root", str(p3), "--config_file", str(p3 / "configs/inference.json"),
+                 "--manifest", str(manifest), "--image_size", "32", "--limit", "12")
+    pred = pd.read_csv(p3 / "output/predictions.csv")
+    probs = pred.filter(like="prob_")
+    assert len(pred) == 12 and probs.shape[1] == len(json.loads((p3 / "models/classes.json").read_text()))
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
+    assert (pred["pred"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
+
+
+def test_monai_label_contract(pretrained: dict[str, Path], ham10000: Path) -> None:
+    """Do what MONAI Label's BundleInferTask does with inference.json, on a real image file."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    p3 = pretrained["p3"]
+    assert "classification" in p3.name  # MONAI Label derives the task type from the folder name
+    parser = ConfigParser()
+    parser.read_config(str(p3 / "configs/inference.json"))
+    parser.config.update({"bundle_root": str(p3)})
+    for key in ("network_def", "preprocessing", "postprocessing", "inferer", "device", "bundle_root"):
+        assert key in parser.config, key
+    parser.config.update({"image_size": 32})
+    meta = json.loads((p3 / "configs/metadata.json").read_text())
+    key_image, _ = next(iter(meta["network_data_format"]["inputs"].items()))
+    key_pred, pred_meta = next(iter(meta["network_data_format"]["outputs"].items()))
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    network.load_state_dict(torch.load(p3 / "models/model.pt", map_location="cpu", weights_only=True))
+    network.eval()
+    pre = parser.get_parsed_content("preprocessing", instantiate=True)
+    post = parser.get_parsed_content("postprocessing", instantiate=True)
+    inferer = parser.get_parsed_content("inferer", instantiate=True)
+    image_file = str(next((ham10000 / "images").glob("*.jpg")))
+    data = Compose(list(pre.transforms))({key_image: image_file})
+    with torch.no_grad():
+        data[key_pred] = inferer(torch.as_tensor(data[key_image])[None], network)[0]
+    data = Compose(list(post.transforms))(data)
+    probs = torch.as_tensor(data[key_pred])
+    assert probs.shape == (len(pred_meta["channel_def"]),)
+    assert abs(float(probs.sum()) - 1) < 1e-5 and float(probs.min()) >= 0

@@ -29,6 +29,7 @@ __all__ = [
     "eval_dataset",
     "fit_classes",
     "imagefolder_manifest",
+    "inference_items",
     "knn_monitor",
     "load_rows",
     "make_loader",
@@ -228,3 +229,9 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
                for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
                       summary_writer=summary_writer, num_classes=len(classes))
+
+
+def inference_items(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """``{"image": row, "sop_uid", "patient_id"}`` items for the bundles' ``preprocessing`` pipelines."""
+    return [{"image": r, "sop_uid": str(r.get("sop_uid") or r["path"]), "patient_id": str(r.get("patient_id"))}
+            for r in rows.to_dict("records")]

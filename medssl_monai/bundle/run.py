@@ -98,13 +98,22 @@ def bundle_classes(bundle_root: str | os.PathLike) -> list[str]:
     return [channel_def[str(i)] for i in range(len(channel_def))]
 
 
-def save_classifier_outputs(network: nn.Module, classes: list[str], models_dir: str | os.PathLike) -> Path:
-    """``models/model.pt`` (the whole classifier) and ``models/classes.json`` (logit order), atomically."""
+def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root: str | os.PathLike) -> Path:
+    """``models/model.pt`` (the whole classifier), ``models/classes.json`` (logit order) and the metadata's
+    output ``channel_def``/``num_channels`` set to those classes (what MONAI Label reads), all atomically."""
     from ..engines.checkpoint import save_model_atomic
 
-    models = Path(models_dir)
+    root = Path(bundle_root)
+    models = root / "models"
     save_model_atomic(network, models / "model.pt")
     atomic_write_text(models / "classes.json", json.dumps(list(classes), indent=1) + "\n")
+    meta_file = root / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    out = next(iter(meta["network_data_format"]["outputs"].values()))
+    out["num_channels"] = len(classes)
+    out["channel_def"] = {str(i): c for i, c in enumerate(classes)}
+    atomic_write_text(meta_file, json.dumps(meta, indent=2) + "\n")
+    logger.info("saved %s with classes %s", models / "model.pt", list(classes))
     return models / "model.pt"
 
 
