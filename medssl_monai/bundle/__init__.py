@@ -11,6 +11,15 @@ from .data import (
     load_rows,
     make_loader,
 )
+from .distributed import (
+    finalize_distributed,
+    init_distributed,
+    is_main,
+    summary_writer,
+    unwrap,
+    world_size,
+    wrap_ddp,
+)
 from .run import (
     bundle_classes,
     evaluate_classifier,
@@ -28,9 +37,12 @@ __all__ = [
     "contrastive_dataset",
     "eval_dataset",
     "evaluate_classifier",
+    "finalize_distributed",
     "fit_classes",
     "imagefolder_manifest",
     "inference_items",
+    "init_distributed",
+    "is_main",
     "knn_monitor",
     "load_pretrained",
     "load_rows",
@@ -38,6 +50,10 @@ __all__ = [
     "save_classifier_outputs",
     "save_pretraining_outputs",
     "setup_run",
+    "summary_writer",
+    "unwrap",
+    "world_size",
+    "wrap_ddp",
     "write_embeddings",
     "write_predictions",
 ]

@@ -32,8 +32,13 @@ def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log") -> Pat
 
     pydicom's logger is detached from these handlers: its warnings quote element values (patient names).
     """
+    import ignite.distributed as idist
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if rank > 0:  # one log per process, rank 0 keeps the plain name
+        log_name = f"{Path(log_name).stem}.rank{rank}{Path(log_name).suffix}"
     log_path = out / log_name
     root = logging.getLogger()
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path.resolve() for h in root.handlers):
@@ -45,6 +50,8 @@ def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log") -> Pat
     silence_pydicom_logger()
     # MONAI announces at every import that an optional GPU codec is absent: noise in a CPU run's log
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    if world > 1:
+        logger.info("rank %d of %d, backend %s, device %s", rank, world, idist.backend(), idist.device())
     return out
 
 
@@ -57,7 +64,12 @@ def _save_state(module: nn.Module, path: Path) -> None:
 def save_pretraining_outputs(ssl_model: nn.Module, models_dir: str | os.PathLike) -> Path:
     """Write ``model.pt`` (the backbone: what the bundle's ``network_def`` is and what the next phase loads)
     and ``projection_head.pt`` (for SimCLRv2-style fine-tuning from a middle head layer), atomically."""
+    from .distributed import is_main, unwrap
+
     models = Path(models_dir)
+    if not is_main():
+        return models / "model.pt"
+    ssl_model = unwrap(ssl_model)
     models.mkdir(parents=True, exist_ok=True)
     _save_state(ssl_model.backbone, models / "model.pt")
     _save_state(ssl_model.projection_head, models / "projection_head.pt")
@@ -102,10 +114,13 @@ def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root:
     """``models/model.pt`` (the whole classifier), ``models/classes.json`` (logit order) and the metadata's
     output ``channel_def``/``num_channels`` set to those classes (what MONAI Label reads), all atomically."""
     from ..engines.checkpoint import save_model_atomic
+    from .distributed import is_main, unwrap
 
     root = Path(bundle_root)
     models = root / "models"
-    save_model_atomic(network, models / "model.pt")
+    if not is_main():
+        return models / "model.pt"
+    save_model_atomic(unwrap(network), models / "model.pt")
     atomic_write_text(models / "classes.json", json.dumps(list(classes), indent=1) + "\n")
     meta_file = root / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())

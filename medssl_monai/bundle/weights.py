@@ -52,6 +52,7 @@ def load_pretrained(
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_ckpt {path} not found (train the previous phase first, or set it to null)")
+    network = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     raw = torch.load(path, map_location="cpu", weights_only=True)
     state, _ = extract_state_dict(raw)
     backbone = network.backbone

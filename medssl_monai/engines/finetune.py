@@ -426,7 +426,9 @@ def build_finetune(
         raise ValueError(f"val_interval must be >= 1, got {val_interval}.")
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}.")
-    out_features = network.head.fc.out_features
+    # a DistributedDataParallel wrapper trains; the Classifier inside it answers attribute lookups
+    inner = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    out_features = inner.head.fc.out_features
     if out_features != num_classes:
         raise ValueError(f"network has {out_features} outputs but num_classes={num_classes}.")
     names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
@@ -434,13 +436,13 @@ def build_finetune(
         raise ValueError(f"{len(names)} class names for {num_classes} classes.")
 
     if linear_probe:
-        network.freeze_backbone()
-        params: Iterable[nn.Parameter] = network.head.parameters()
+        inner.freeze_backbone()
+        params: Iterable[nn.Parameter] = inner.head.parameters()
     else:
-        if network.backbone_frozen:
+        if inner.backbone_frozen:
             logger.info("build_finetune: unfreezing the backbone for full fine-tuning")
-            network.unfreeze_backbone()
-        params = network.parameters()
+            inner.unfreeze_backbone()
+        params = inner.parameters()
     network.to(device)
 
     # loss

@@ -43,6 +43,8 @@ class ProjectionHead(nn.Module):
         hidden_features: width of the hidden layers; defaults to ``in_features`` (SimCLRv2).
         out_features: projection dimension (128 in SimCLR).
         num_layers: number of linear layers (SimCLRv2 uses 3, SimCLRv1 2).
+        norm: ``"batch"`` (SimCLRv2) or ``"layer"`` (no batch statistics: the output of an item does not
+            depend on the rest of the batch, e.g. for multi-process CPU runs where BN cannot be synchronised).
     """
 
     def __init__(
@@ -51,10 +53,13 @@ class ProjectionHead(nn.Module):
         hidden_features: int | None = None,
         out_features: int = 128,
         num_layers: int = 3,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"norm must be 'batch' or 'layer', got {norm!r}.")
         hidden = in_features if hidden_features is None else hidden_features
         layers: list[nn.Module] = []
         dim = in_features
@@ -62,7 +67,9 @@ class ProjectionHead(nn.Module):
             last = i == num_layers - 1
             out = out_features if last else hidden
             parts: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(dim, out, bias=False))
-            if last:
+            if norm == "layer":
+                parts["bn"] = nn.LayerNorm(out, bias=not last)
+            elif last:
                 parts["bn"] = _BatchNorm1dNoShift(out)
             else:
                 parts["bn"] = nn.BatchNorm1d(out)
