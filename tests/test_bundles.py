@@ -148,6 +148,7 @@ def test_phase3_finetunes_from_phase2(pretrained: dict[str, Path]) -> None:
     cm = pd.read_csv(p3 / "output/confusion_matrix.csv", index_col=0)
     assert list(cm.index) == classes and int(cm.to_numpy().sum()) == int((m["split"] == "val").sum())
     assert (p3 / "output/confusion_matrix.png").stat().st_size > 1000
+    assert len(list((p3 / "output/checkpoints").glob("checkpoint_*.pt"))) >= 1  # resumable like the others
     backbone_p2 = torch.load(pretrained["p2"] / "models/model.pt", weights_only=True)
     clf = torch.load(p3 / "models/model.pt", weights_only=True)
     assert set(backbone_p2) == {k.removeprefix("backbone.") for k in clf if k.startswith("backbone.")}

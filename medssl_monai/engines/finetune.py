@@ -397,6 +397,9 @@ def build_finetune(
     key_metric: str = "auc_macro",
     train_handlers: Sequence[Any] = (),
     val_handlers: Sequence[Any] = (),
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress_bar: bool = True,
 ) -> tuple[SupervisedTrainer, SupervisedEvaluator]:
     """A MONAI ``SupervisedTrainer`` and the ``SupervisedEvaluator`` it runs every ``val_interval`` epochs.
 
@@ -419,7 +422,10 @@ def build_finetune(
         class_names: names for metrics (``auc_<name>``) and the confusion matrix; default ``"0"``, ``"1"``...
         summary_writer: a TensorBoard ``SummaryWriter``; training loss and validation metrics go there.
         key_metric: the evaluator's key metric (tracked as ``best_metric``); any name the metrics register.
-        train_handlers, val_handlers: extra MONAI/Ignite handlers (e.g. ``CheckpointSaver``).
+        train_handlers, val_handlers: extra MONAI/Ignite handlers.
+        checkpoint_dir: atomic epoch checkpoints (model, optimiser, LR schedule, trainer and RNG state) go
+            there; with ``resume`` a killed run continues from the latest one.
+        progress_bar: an Ignite progress bar over each training epoch.
     """
     device = torch.device(device)
     if val_interval < 1:
@@ -511,6 +517,7 @@ def build_finetune(
         ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=True),
         StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
     ]
+    scheduler = None
     if lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs))
         handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=True))
@@ -518,7 +525,18 @@ def build_finetune(
         handlers.append(TensorBoardStatsHandler(
             summary_writer=summary_writer, tag_name="train_loss", epoch_log=False,
             output_transform=from_engine(["loss"], first=True)))
+    if progress_bar:
+        from ignite.handlers import ProgressBar
+
+        handlers.append(ProgressBar(persist=False))
     handlers.extend(train_handlers)
+    if checkpoint_dir is not None:  # last: it must save the state the epoch-end handlers above leave behind
+        from .checkpoint import TrainingCheckpoint
+
+        objects: dict[str, Any] = {"model": inner, "optimizer": optimizer}
+        if scheduler is not None:
+            objects["lr_scheduler"] = scheduler
+        handlers.append(TrainingCheckpoint(checkpoint_dir, objects, n_saved=2, resume=resume))
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=max_epochs,
