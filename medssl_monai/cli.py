@@ -1,4 +1,4 @@
-"""``medssl`` command line: index an export, adapt a table, split a manifest."""
+"""``medssl`` command line: index an export, adapt a table, split a manifest, run the pipeline."""
 
 from __future__ import annotations
 
@@ -120,6 +120,15 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    roots = run_pipeline(args.config, args.run_dir, force=args.force)
+    for name, root in roots.items():
+        print(f"{name:<9} {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medssl", description=__doc__)
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
@@ -158,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-col", default="label")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("pipeline", help="run data -> phase 1 -> phase 2 -> phase 3 -> evaluation from a config")
+    s.add_argument("config", help="pipeline config (JSON or YAML)")
+    s.add_argument("--run-dir", default=None, help="run folder (default: the config's run_dir)")
+    s.add_argument("--force", action="store_true", help="re-run phases whose outputs exist")
+    s.set_defaults(func=cmd_pipeline)
     return p
 
 

@@ -1,56 +1,47 @@
-"""``make demo``: the main job on the generated sample data.
+"""``make demo``: the main job on the generated sample data, end to end.
 
-Today it runs the data-layer stages of the pipeline: generate ``sample_data/`` -> index the DICOM tree
-(pseudonymised, labels joined) -> patient-level split with nested label fractions -> summary. MICLe
-pretraining, fine-tuning and the report are added to this same command as the engines land.
+Generates ``sample_data/`` (a small DICOM study tree with labels), then runs ``configs/pipeline_demo.json``:
+index (pseudonymised) -> patient split -> MICLe pretraining -> fine-tuning -> evaluation on the test split,
+each phase through its MONAI bundle. ``--config`` runs another pipeline config (e.g. a real DICOM folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-from .cli import main as cli_main
-from .data import MultiInstanceIndex, check_no_leakage, read_manifest
+from .pipeline import load_pipeline_config, run_pipeline
 from .sample_data import make_sample_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="sample_data", help="a DICOM folder, or where to generate the sample")
-    ap.add_argument("--labels", default=None, help="labels CSV (patient_id,label); default: the sample's")
-    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--config", default=str(REPO / "configs" / "pipeline_demo.json"))
+    ap.add_argument("--patients", type=int, default=30, help="patients in the generated sample")
+    ap.add_argument("--force", action="store_true", help="re-run every phase")
     args = ap.parse_args(argv)
-
-    run = Path(args.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    if args.data == "sample_data":
-        info = make_sample_data(data)
-        print(f"[1/3] generated sample data: {info['files']} files, {info['patients']} labelled patients")
-        tree, labels = data / "dicom", data / "labels.csv"
-    else:
-        tree, labels = data, Path(args.labels) if args.labels else None
-    manifest = run / "manifest.csv"
-    print(f"[2/3] indexing {tree} (pseudonymised; salt in {run / 'salt.key'})")
-    index_args = ["index", str(tree), "--out", str(manifest), "--pseudonymize", str(run / "salt.key"), "--full"]
-    if labels is not None:
-        index_args += ["--labels", str(labels)]
-    rc = cli_main(index_args)
-    if rc != 0:
-        return rc
-    print("[3/3] patient-level split with nested label fractions")
-    rc = cli_main(["split", str(manifest), "--fractions", "train=0.6,val=0.2,test=0.2",
-                   "--label-fractions", "0.1,0.2,1.0", "--seed", "0"])
-    if rc != 0:
-        return rc
-    df = read_manifest(manifest)
-    check_no_leakage(df)
-    idx = MultiInstanceIndex(df)
-    s = idx.summary()
-    print(f"\nMICLe-ready groups: {s['multi_image_groups']} of {s['groups']} patients have 2+ images "
-          f"({s['images']} images). Manifest: {manifest} (paths resolve through {manifest.stem}.pathmap.csv)")
+    t0 = time.time()
+    cfg = load_pipeline_config(args.config)
+    if Path(args.config).resolve() == (REPO / "configs" / "pipeline_demo.json").resolve():
+        info = make_sample_data(REPO / "sample_data", n_patients=args.patients)
+        print(f"sample data: {info['files']} files, {info['patients']} labelled patients -> sample_data/")
+        args.force = True  # a regenerated sample invalidates earlier results
+    roots = run_pipeline(cfg, force=args.force)
+    if "evaluate" in roots:
+        ev = next(iter(roots.values())).parents[1]
+        metrics_file = roots["evaluate"] / "output" / f"eval_{cfg['phases']['evaluate'].get('eval_split', 'test')}" \
+            / "metrics.json"
+        metrics = json.loads(metrics_file.read_text())
+        print("\ntest-split metrics: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())
+                                                  if not k.startswith("auc_") or k == "auc_macro"))
+        print(f"run folder: {ev}  (configs/, logs/, data/, and one bundle copy per phase with its "
+              f"models/, output/tensorboard, output/checkpoints)")
+    print(f"demo finished in {time.time() - t0:.0f} s")
     return 0
 
 

@@ -357,3 +357,37 @@ def test_select_labelled_on_ham10000(ham10000, caplog):
     assert "dropped 25 training row(s) without a label" in caplog.text
     with pytest.raises(ValueError, match="label_fraction"):
         select_labelled(df, 0.0)
+
+
+def test_build_finetune_amp_takes_the_bundles_vocabulary(caplog):
+    """``amp`` is ``null|bf16|fp16`` in every bundle: the string "none" must not switch mixed precision on."""
+    from medssl_monai.engines.finetune import _amp_dtype
+
+    assert _amp_dtype(None) is None and _amp_dtype(False) is None and _amp_dtype("none") is None
+    assert _amp_dtype(True) == torch.float16 and _amp_dtype("fp16") == torch.float16
+    assert _amp_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="amp"):
+        _amp_dtype("fp8")
+    items = separable([4, 4], seed=6)
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.finetune"):
+        trainer, _ = build_finetune(tiny_classifier(2), loader(items), loader(items), 2, amp="none")
+    assert not trainer.amp and "ignored" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.finetune"):
+        trainer, _ = build_finetune(tiny_classifier(2), loader(items), loader(items), 2, amp="bf16")
+    assert not trainer.amp and "amp=bf16 is ignored" in caplog.text  # CPU
+
+
+def test_classification_dataset_flips_follow_the_preset():
+    from monai.transforms import RandFlipd
+
+    from medssl_monai.bundle import classification_dataset
+
+    rows = pd.DataFrame({"path": ["a.png"], "label": ["x"], "patient_id": ["p"], "sop_uid": ["s"]})
+
+    def flips(preset):
+        ds = classification_dataset(rows, ["x"], augment=True, preset=preset)
+        return sorted((t.flipper.spatial_axis, t.prob) for t in ds.transform.transforms if isinstance(t, RandFlipd))
+
+    assert flips(None) == [(1, 0.5)]  # unchanged default: horizontal flips
+    assert flips("chest_xray") == []  # laterality is a cue in radiographs
+    assert flips("dermatology") == [(0, 0.5), (1, 0.5)]

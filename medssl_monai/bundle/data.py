@@ -143,13 +143,24 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True,
-                drop_last: bool = False, distributed: bool = False) -> torch.utils.data.DataLoader:
+                drop_last: bool = False, distributed: bool = False,
+                even_divisible: bool = True) -> torch.utils.data.DataLoader:
     """A DataLoader; under ``torch.distributed`` (``ignite.distributed``) each rank gets its own shard.
 
     ``batch_size`` is per process. MONAI's ``worker_init_fn`` seeds every worker's transforms differently.
+    ``even_divisible=False`` (evaluation): shards of unequal size that together hold every item exactly once
+    (MONAI's ``DistributedSampler``), so gathered metrics and confusion-matrix counts are not padded with
+    repeated items; training keeps equal shards (DDP needs the same number of steps on every rank).
     """
     import ignite.distributed as idist
 
+    if distributed and idist.get_world_size() > 1 and not even_divisible:
+        from monai.data import DistributedSampler
+
+        sampler = DistributedSampler(dataset, even_divisible=False, shuffle=shuffle)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                           drop_last=drop_last, worker_init_fn=worker_init_fn,
+                                           persistent_workers=num_workers > 0)
     if distributed and idist.get_world_size() > 1:
         return idist.auto_dataloader(dataset, batch_size=batch_size * idist.get_world_size(), shuffle=shuffle,
                                      num_workers=num_workers, drop_last=drop_last, worker_init_fn=worker_init_fn)
@@ -159,11 +170,13 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
 
 
 def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_size: int = 64, channels: int = 3,
-                           augment: bool = False, multi_label: bool = False) -> Dataset:
+                           augment: bool = False, multi_label: bool = False, preset: str | None = None) -> Dataset:
     """Labelled images for fine-tuning/evaluation: ``{"image", "label", "sop_uid", "patient_id"}``.
 
     ``augment`` adds the light augmentation fine-tuning uses (random resized crop of 50-100% area and
-    flips); without it images are resized whole, as at inference.
+    flips); without it images are resized whole, as at inference. ``preset`` (a view preset name, e.g. the
+    one the backbone was pretrained with) sets the flips: its ``hflip_prob``/``vflip_prob`` (``chest_xray``:
+    no flips, laterality is a cue; ``dermatology``: both); without one, horizontal flips with p = 0.5.
     """
     from ..engines.finetune import LabelEncoder
     from ..transforms import RandomResizedCropd
@@ -175,8 +188,14 @@ def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_siz
     if augment:
         from monai.transforms import RandFlipd
 
-        spatial = [RandomResizedCropd(keys="image", spatial_size=(image_size, image_size), scale=(0.5, 1.0)),
-                   RandFlipd(keys="image", prob=0.5, spatial_axis=1)]
+        hflip, vflip = 0.5, 0.0
+        if preset:
+            from ..transforms import preset_parameters
+
+            params = preset_parameters(str(preset))
+            hflip, vflip = float(params.get("hflip_prob", 0.0)), float(params.get("vflip_prob", 0.0))
+        spatial = [RandomResizedCropd(keys="image", spatial_size=(image_size, image_size), scale=(0.5, 1.0))]
+        spatial += [RandFlipd(keys="image", prob=p, spatial_axis=axis) for p, axis in ((hflip, 1), (vflip, 0)) if p > 0]
     else:
         spatial = [Resized(keys="image", spatial_size=(image_size, image_size), mode="area")]
     return Dataset(items, Compose([*load, *spatial, ToTensord(keys="image", track_meta=False)]))

@@ -371,6 +371,24 @@ def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[d
     return [g for g in groups if g["params"]]
 
 
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _amp_dtype(amp: bool | str | None) -> torch.dtype | None:
+    """``amp`` setting -> autocast dtype (``None``: off). A string such as ``"none"`` must not read as true."""
+    if amp is None or amp is False:
+        return None
+    if amp is True:
+        return torch.float16
+    if isinstance(amp, str):
+        key = amp.strip().lower()
+        if key in ("none", "false", "off", ""):
+            return None
+        if key in _AMP_DTYPES:
+            return _AMP_DTYPES[key]
+    raise ValueError(f"amp must be None/False/'none', True/'fp16' or 'bf16', got {amp!r}.")
+
+
 def build_finetune(
     network: Classifier,
     train_loader: Iterable,
@@ -389,7 +407,7 @@ def build_finetune(
     max_epochs: int = 10,
     lr_schedule: str = "cosine",
     device: str | torch.device = "cpu",
-    amp: bool = False,
+    amp: bool | str | None = False,
     output_dir: str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
     summary_writer: Any = None,
@@ -417,7 +435,9 @@ def build_finetune(
             otherwise a frozen backbone is unfrozen for full fine-tuning.
         lr, momentum, weight_decay: SGD (Nesterov) settings; no decay on 1-D parameters.
         lr_schedule: ``"cosine"`` (per epoch, to 0 at ``max_epochs``) or ``"constant"``.
-        amp: autocast + grad scaling; MONAI's engines autocast on CUDA only, so it is ignored elsewhere.
+        amp: ``"fp16"`` (or ``True``) / ``"bf16"`` autocast (+ grad scaling), ``None``/``False``/``"none"``
+            off: the same values as the pretraining bundles' ``amp``. MONAI's engines autocast on CUDA only,
+            so it is ignored elsewhere.
         output_dir: where :class:`ConfusionMatrixWriter` writes (multi-class only); ``None``: no files.
         class_names: names for metrics (``auc_<name>``) and the confusion matrix; default ``"0"``, ``"1"``...
         summary_writer: a TensorBoard ``SummaryWriter``; training loss and validation metrics go there.
@@ -474,9 +494,11 @@ def build_finetune(
 
     optimizer = torch.optim.SGD(_param_groups(params, weight_decay), lr=lr, momentum=momentum, nesterov=True)
 
-    use_amp = amp and device.type == "cuda"
-    if amp and not use_amp:
-        logger.warning("amp=True is ignored on %s: MONAI's engines autocast on CUDA only", device)
+    amp_dtype = _amp_dtype(amp)
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    if amp_dtype is not None and not use_amp:
+        logger.warning("amp=%s is ignored on %s: MONAI's engines autocast on CUDA only", amp, device)
+    amp_kwargs = {"dtype": amp_dtype} if use_amp else None
 
     # evaluator
     metrics = classification_metrics(num_classes, multi_label, names)
@@ -510,6 +532,7 @@ def build_finetune(
         additional_metrics=metrics,
         val_handlers=evaluator_handlers,
         amp=use_amp,
+        amp_kwargs=amp_kwargs,
     )
 
     # trainer
@@ -546,6 +569,7 @@ def build_finetune(
         loss_function=loss,
         train_handlers=handlers,
         amp=use_amp,
+        amp_kwargs=amp_kwargs,
     )
     return trainer, evaluator
 

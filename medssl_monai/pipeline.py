@@ -1,0 +1,154 @@
+"""``medssl pipeline CONFIG``: data -> phase 1 -> phase 2 -> phase 3 -> evaluation, by calling the bundles.
+
+Each phase runs its bundle through MONAI's own CLI (``python -m monai.bundle run``) on a copy of the bundle
+inside the run folder, so the run folder holds every config and override used, every log, TensorBoard
+file and checkpoint. A phase whose ``models/model.pt`` exists is skipped (``--force`` re-runs it), and a
+killed phase resumes from its own checkpoints when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PHASES", "load_pipeline_config", "run_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+#: phase name -> (bundle, config file, the phase whose model it starts from)
+PHASES: dict[str, tuple[str, str, str | None]] = {
+    "simclr": ("simclr_natural", "train.json", None),
+    "micle": ("micle_medical", "train.json", "simclr"),
+    "finetune": ("finetune_classification", "train.json", "micle"),
+    "evaluate": ("finetune_classification", "evaluate.json", None),
+}
+
+
+def load_pipeline_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a pipeline config (JSON or YAML); relative paths in it are relative to the config file."""
+    path = Path(path)
+    text = path.read_text()
+    cfg = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
+    if not isinstance(cfg, Mapping) or "phases" not in cfg:
+        raise ValueError(f"{path}: a pipeline config needs a 'phases' mapping")
+    cfg = dict(cfg)
+    cfg["_base"] = str(path.resolve().parent)
+    return cfg
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """``@rel/path`` strings in a config are paths relative to the config file."""
+    if isinstance(value, str) and value.startswith("@") and not value.startswith("@@"):
+        return str((base / value[1:]).resolve())
+    return value
+
+
+def _bundles_dir(cfg: Mapping[str, Any]) -> Path:
+    return Path(cfg.get("bundles_dir") or REPO_BUNDLES)
+
+
+def prepare_data(cfg: Mapping[str, Any], run_dir: Path, force: bool = False) -> Path | None:
+    """Index a DICOM tree (pseudonymised, labels joined) and split it by patient; or use a given manifest."""
+    data = cfg.get("data") or {}
+    base = Path(cfg["_base"])
+    if "manifest" in data:
+        return Path(_resolve(data["manifest"], base))
+    if "dicom_root" not in data:
+        return None
+    from .cli import main as cli
+
+    manifest = run_dir / "data" / "manifest.csv"
+    if manifest.is_file() and not force:
+        logger.info("data: %s exists, kept (use --force to rebuild)", manifest)
+        return manifest
+    args = ["index", _resolve(data["dicom_root"], base), "--out", str(manifest), "--full"]
+    if data.get("pseudonymize", True):
+        args += ["--pseudonymize", str(run_dir / "data" / "salt.key")]
+    if data.get("labels"):
+        args += ["--labels", _resolve(data["labels"], base)]
+    if cli(args) != 0:
+        raise RuntimeError(f"indexing {data['dicom_root']} failed")
+    split = data.get("split", {"train": 0.6, "val": 0.2, "test": 0.2})
+    fractions = ",".join(f"{k}={v}" for k, v in split.items())
+    label_fractions = ",".join(str(f) for f in data.get("label_fractions", [0.1, 0.2, 1.0]))
+    if cli(["split", str(manifest), "--fractions", fractions, "--label-fractions", label_fractions,
+            "--seed", str(data.get("seed", 0))]) != 0:
+        raise RuntimeError("splitting the manifest failed")
+    return manifest
+
+
+def _cli_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+
+
+def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mapping[str, Any], force: bool) -> Path:
+    """Run one phase's bundle in ``run_dir/<phase>/<bundle>``; returns that bundle root."""
+    bundle, config_file, _ = PHASES[name]
+    # evaluation runs inside the fine-tuned bundle (it needs its models/), every other phase in its own copy
+    root = run_dir / ("finetune" if name == "evaluate" else name) / bundle
+    done = (root / "output" / "eval_done.json") if name == "evaluate" else (root / "models" / "model.pt")
+    if done.is_file() and not force:
+        logger.info("%s: %s exists, skipped (use --force to re-run)", name, done)
+        return root
+    if name != "evaluate":
+        if force and root.exists():
+            shutil.rmtree(root)
+        if not root.exists():
+            shutil.copytree(_bundles_dir(cfg) / bundle, root,
+                            ignore=shutil.ignore_patterns("*.pt", "output", "classes.json"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root),
+           "--config_file", str(root / "configs" / config_file)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", _cli_value(v)]
+    (run_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "configs" / f"{name}.json").write_text(json.dumps(
+        {"bundle": bundle, "config_file": config_file, "overrides": dict(overrides), "command": cmd}, indent=1))
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"[{name}] {bundle}/{config_file} ...", flush=True)
+    with open(logs / f"{name}.log", "w") as log:
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    if r.returncode != 0:
+        raise RuntimeError(f"phase {name} failed (exit {r.returncode}); see {logs / f'{name}.log'}")
+    print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
+    if name == "evaluate":
+        done.write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+    return root
+
+
+def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | os.PathLike | None = None,
+                 force: bool = False) -> dict[str, Path]:
+    """Run every phase named in the config's ``phases`` (in PHASES order), handing checkpoints over."""
+    cfg = load_pipeline_config(config) if not isinstance(config, Mapping) else dict(config)
+    cfg.setdefault("_base", os.getcwd())
+    base = Path(cfg["_base"])
+    run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/pipeline"), base))
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_data(cfg, run, force)
+    common = {k: _resolve(v, base) for k, v in (cfg.get("common") or {}).items()}
+    roots: dict[str, Path] = {}
+    for name in PHASES:
+        phase = cfg["phases"].get(name)
+        if phase is None or phase is False:
+            continue
+        overrides: dict[str, Any] = dict(common)
+        if manifest is not None and name != "simclr":
+            overrides["manifest"] = str(manifest)
+        start = PHASES[name][2]
+        if start and start in roots:
+            overrides["pretrained_ckpt"] = str(roots[start] / "models" / "model.pt")
+        if name == "finetune" and "pretrained_ckpt" not in overrides and "simclr" in roots:
+            overrides["pretrained_ckpt"] = str(roots["simclr"] / "models" / "model.pt")
+        overrides.update({k: _resolve(v, base) for k, v in (phase or {}).items()})
+        roots[name] = run_phase(name, cfg, run, overrides, force)
+    return roots

@@ -1,0 +1,49 @@
+"""`medssl pipeline` end to end on generated sample data, tiny budget: DICOM tree -> index -> split ->
+MICLe -> fine-tune -> evaluate; phases with outputs are skipped on a second run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from medssl_monai.data import check_no_leakage, read_manifest
+from medssl_monai.pipeline import run_pipeline
+from medssl_monai.sample_data import make_sample_data
+
+
+def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
+    make_sample_data(tmp_path / "sample", n_patients=12)
+    cfg = {
+        "_base": str(tmp_path),
+        "run_dir": "@run",
+        "data": {"dicom_root": "@sample/dicom", "labels": "@sample/labels.csv",
+                 "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "label_fractions": [0.5, 1.0]},
+        "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
+        "phases": {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
+                   "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"}},
+    }
+    roots = run_pipeline(cfg)
+    run = tmp_path / "run"
+    manifest = read_manifest(run / "data" / "manifest.csv")
+    check_no_leakage(manifest)
+    assert manifest["patient_id"].str.startswith("P").all()  # pseudonymised
+    assert not (run / "data" / "manifest.csv").read_text().count("SMP0")  # no original id on disk
+    # phase 3 started from phase 2's model, and every phase left its config, log and outputs
+    ft = json.loads((run / "configs" / "finetune.json").read_text())
+    assert ft["overrides"]["pretrained_ckpt"] == str(roots["micle"] / "models" / "model.pt")
+    for phase in ("micle", "finetune", "evaluate"):
+        assert (run / "logs" / f"{phase}.log").stat().st_size > 0
+        assert (run / "configs" / f"{phase}.json").is_file()
+    assert list((roots["micle"] / "output" / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((roots["evaluate"] / "output" / "eval_test" / "metrics.json").read_text())
+    assert {"accuracy", "balanced_accuracy", "auc_macro"} <= set(metrics)
+    cm = pd.read_csv(roots["evaluate"] / "output" / "eval_test" / "confusion_matrix.csv", index_col=0)
+    test_rows = manifest[(manifest["split"] == "test") & manifest["label"].notna()]
+    assert int(cm.to_numpy().sum()) == len(test_rows)
+    # a second run skips every phase whose outputs exist
+    capsys.readouterr()
+    run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert "[micle]" not in out and "[finetune]" not in out and "[evaluate]" not in out
