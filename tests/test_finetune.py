@@ -144,6 +144,8 @@ def test_finetune_learns_separable_classes_and_metrics_agree(tmp_path):
     assert {"train_loss", "balanced_accuracy", "auc_macro", "auc_a"} <= tags
     assert [e.step for e in acc.Scalars("balanced_accuracy")][-4:] == [1, 2, 3, 4]
     assert len(acc.Scalars("train_loss")) == 4 * 6
+    lrs = [e.value for e in acc.Scalars("lr")]  # cosine schedule per epoch: starts at lr, then decreases
+    assert len(lrs) == 4 and lrs[0] > lrs[1] > lrs[2] > lrs[3] > 0
 
 
 def test_linear_probe_freezes_backbone_and_trains_head():

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+from ignite.engine import Events
 from monai.config import KeysCollection
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (
@@ -571,5 +572,11 @@ def build_finetune(
         amp=use_amp,
         amp_kwargs=amp_kwargs,
     )
+    if summary_writer is not None:  # the learning rate each epoch trains with, beside the loss
+
+        def _log_lr(engine: SupervisedTrainer) -> None:
+            summary_writer.add_scalar("lr", optimizer.param_groups[0]["lr"], engine.state.epoch)
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, _log_lr)
     return trainer, evaluator
 
