@@ -25,15 +25,6 @@ from medssl_monai.networks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster here, and 2 OpenMP threads spin badly on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_bn_(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial BN affine params and running stats, so eval outputs depend on every tensor."""
     g = torch.Generator().manual_seed(seed)

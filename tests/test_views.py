@@ -366,7 +366,7 @@ def test_chest_xray_preset_on_synthetic_radiograph():
 
 def test_preset_overrides_reach_transforms():
     pipeline = get_preset("natural", keys=("x",), spatial_size=(32, 48), strength=0.5, crop_scale=(0.5, 1.0))
-    jitter = next(t for t in pipeline.transforms if isinstance(t, RandColorJitterd)).jitter
+    jitter = next(t for t in pipeline.transforms if isinstance(t, RandColorJitterd)).inner
     assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.hue == pytest.approx((-0.1, 0.1))
     crop = next(t for t in pipeline.transforms if isinstance(t, RandomResizedCropd)).cropper
     assert crop.scale == (0.5, 1.0) and crop.spatial_size == (32, 48)
@@ -399,7 +399,7 @@ def test_transforms_instantiate_from_bundle_config():
     out = pre({"image": torch.rand(3, 32, 32)})
     assert out["view_1"].shape == (3, 48, 48) and "image" not in out
     jitter = next(t for t in pre.transforms[-1].transform.transforms if isinstance(t, RandColorJitterd))
-    assert jitter.jitter.brightness == pytest.approx((0.76, 1.24))
+    assert jitter.inner.brightness == pytest.approx((0.76, 1.24))
 
 
 # --------------------------------------------------------------------------------------------------

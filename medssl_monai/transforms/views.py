@@ -499,7 +499,36 @@ class RandColorJitter(RandomizableTransform):
         return out
 
 
-class RandColorJitterd(RandomizableTransform, MapTransform):
+class _SharedDrawd(RandomizableTransform, MapTransform):
+    """Dictionary wrapper of an array transform with ``prob=1``: one draw (whether, and how) for all keys.
+
+    Subclasses set ``self.inner`` (the array transform, whose ``__call__`` takes ``randomize=False``).
+    """
+
+    inner: RandomizableTransform
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> Randomizable:
+        super().set_random_state(seed, state)
+        self.inner.set_random_state(state=self.R)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            self.inner.R = self.R
+            self.inner.randomize(None)
+        for key in self.key_iterator(d):
+            if self._do_transform:
+                d[key] = self.inner(d[key], randomize=False)
+            else:
+                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
+        return d
+
+
+class RandColorJitterd(_SharedDrawd):
     """Dictionary version of :class:`RandColorJitter`; all keys get the same factors."""
 
     backend = RandColorJitter.backend
@@ -517,29 +546,7 @@ class RandColorJitterd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.jitter = RandColorJitter(
-            brightness, contrast, saturation, hue, prob=1.0, random_order=random_order
-        )
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
-        super().set_random_state(seed, state)
-        self.jitter.set_random_state(state=self.R)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.jitter.R = self.R
-            self.jitter.randomize()
-        for key in self.key_iterator(d):
-            if self._do_transform:
-                d[key] = self.jitter(d[key], randomize=False)
-            else:
-                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
-        return d
+        self.inner = RandColorJitter(brightness, contrast, saturation, hue, prob=1.0, random_order=random_order)
 
 
 class RandGrayscale(RandomizableTransform):
@@ -568,7 +575,7 @@ class RandGrayscale(RandomizableTransform):
         return out
 
 
-class RandGrayscaled(RandomizableTransform, MapTransform):
+class RandGrayscaled(_SharedDrawd):
     """Dictionary version of :class:`RandGrayscale`; one draw for all keys."""
 
     backend = RandGrayscale.backend
@@ -576,17 +583,7 @@ class RandGrayscaled(RandomizableTransform, MapTransform):
     def __init__(self, keys: KeysCollection, prob: float = 0.2, allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.gray = RandGrayscale(prob=1.0)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        for key in self.key_iterator(d):
-            if self._do_transform:
-                d[key] = self.gray(d[key], randomize=False)
-            else:
-                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
-        return d
+        self.inner = RandGrayscale(prob=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -682,7 +679,7 @@ class RandGaussianBlur(RandomizableTransform):
         return out
 
 
-class RandGaussianBlurd(RandomizableTransform, MapTransform):
+class RandGaussianBlurd(_SharedDrawd):
     """Dictionary version of :class:`RandGaussianBlur`; all keys share the sigma."""
 
     backend = RandGaussianBlur.backend
@@ -698,29 +695,7 @@ class RandGaussianBlurd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.blur = RandGaussianBlur(
-            sigma, prob=1.0, kernel_fraction=kernel_fraction, kernel_size=kernel_size
-        )
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
-        super().set_random_state(seed, state)
-        self.blur.set_random_state(state=self.R)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.blur.R = self.R
-            self.blur.randomize()
-        for key in self.key_iterator(d):
-            if self._do_transform:
-                d[key] = self.blur(d[key], randomize=False)
-            else:
-                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
-        return d
+        self.inner = RandGaussianBlur(sigma, prob=1.0, kernel_fraction=kernel_fraction, kernel_size=kernel_size)
 
 
 # --------------------------------------------------------------------------------------------------
