@@ -30,7 +30,14 @@ PHASES: dict[str, tuple[str, str, str | None]] = {
     "micle": ("micle_medical", "train.json", "simclr"),
     "finetune": ("finetune_classification", "train.json", "micle"),
     "evaluate": ("finetune_classification", "evaluate.json", None),
+    "predict": ("finetune_classification", "inference.json", None),
+    "embed": ("micle_medical", "inference.json", None),
 }
+#: phases that run inside another phase's bundle copy (they need its trained models/)
+_RUNS_IN = {"evaluate": "finetune", "predict": "finetune", "embed": "micle"}
+#: the file whose presence marks a phase as done
+_DONE = {"evaluate": "output/evaluate_done.json", "predict": "output/predictions.csv",
+         "embed": "output/embeddings.csv"}
 
 
 def load_pipeline_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,13 +100,12 @@ def _cli_value(v: Any) -> str:
 def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mapping[str, Any], force: bool) -> Path:
     """Run one phase's bundle in ``run_dir/<phase>/<bundle>``; returns that bundle root."""
     bundle, config_file, _ = PHASES[name]
-    # evaluation runs inside the fine-tuned bundle (it needs its models/), every other phase in its own copy
-    root = run_dir / ("finetune" if name == "evaluate" else name) / bundle
-    done = (root / "output" / "eval_done.json") if name == "evaluate" else (root / "models" / "model.pt")
+    root = run_dir / _RUNS_IN.get(name, name) / bundle
+    done = root / _DONE.get(name, "models/model.pt")
     if done.is_file() and not force:
         logger.info("%s: %s exists, skipped (use --force to re-run)", name, done)
         return root
-    if name != "evaluate":
+    if name not in _RUNS_IN:
         if force and root.exists():
             shutil.rmtree(root)
         if not root.exists():
@@ -126,6 +132,21 @@ def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mappi
     return root
 
 
+def phase_seconds(run_dir: Path, name: str) -> float | None:
+    """Wall time of a phase from its log's first and last timestamps (None when unknown)."""
+    log = run_dir / "logs" / f"{name}.log"
+    if not log.is_file():
+        return None
+    import re
+    from datetime import datetime
+
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+", log.read_text(), flags=re.M)
+    if len(stamps) < 2:
+        return None
+    fmt = "%Y-%m-%d %H:%M:%S"
+    return (datetime.strptime(stamps[-1], fmt) - datetime.strptime(stamps[0], fmt)).total_seconds()
+
+
 def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict[str, Path]:
     """Run every phase named in the config's ``phases`` (in PHASES order), handing checkpoints over."""
@@ -149,6 +170,15 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
             overrides["pretrained_ckpt"] = str(roots[start] / "models" / "model.pt")
         if name == "finetune" and "pretrained_ckpt" not in overrides and "simclr" in roots:
             overrides["pretrained_ckpt"] = str(roots["simclr"] / "models" / "model.pt")
+        if name in _RUNS_IN:
+            if _RUNS_IN[name] not in roots:
+                raise ValueError(f"phase {name!r} needs phase {_RUNS_IN[name]!r} in the same config")
+            overrides.pop("pretrained_ckpt", None)
         overrides.update({k: _resolve(v, base) for k, v in (phase or {}).items()})
         roots[name] = run_phase(name, cfg, run, overrides, force)
+    if cfg.get("report", True) and manifest is not None and "finetune" in roots:
+        from .report import build_report
+
+        report = build_report(run, roots, manifest, cfg)
+        print(f"report: {report}")
     return roots

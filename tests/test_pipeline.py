@@ -22,7 +22,8 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "label_fractions": [0.5, 1.0]},
         "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
         "phases": {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
-                   "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"}},
+                   "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"},
+                   "predict": {"split": "test"}, "embed": {}},
     }
     roots = run_pipeline(cfg)
     run = tmp_path / "run"
@@ -42,8 +43,19 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     cm = pd.read_csv(roots["evaluate"] / "output" / "eval_test" / "confusion_matrix.csv", index_col=0)
     test_rows = manifest[(manifest["split"] == "test") & manifest["label"].notna()]
     assert int(cm.to_numpy().sum()) == len(test_rows)
+    # the report: every section, its figures, and numbers that agree with the phases' own outputs
+    report = (run / "report" / "report.md").read_text()
+    for section in ("## Data", "## Phases", "## Training curves", "## Evaluation on the `test` split",
+                    "## Learned embeddings", "## Subgroups", "## Label efficiency"):
+        assert section in report, section
+    for png in ("curves_micle.png", "curves_finetune.png", "confusion_matrix.png", "embeddings_pca.png"):
+        assert (run / "report" / png).stat().st_size > 5000, png
+    assert f"| {metrics['balanced_accuracy']:.3f} |" in report
+    sub = pd.read_csv(run / "report" / "subgroups.csv")
+    assert set(sub["subgroup"]) >= {"view_position"} and sub.groupby("subgroup")["n"].sum().max() == len(test_rows)
+    assert str(manifest["patient_id"].iloc[0]) not in report or manifest["patient_id"].iloc[0].startswith("P")
     # a second run skips every phase whose outputs exist
     capsys.readouterr()
     run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert "[micle]" not in out and "[finetune]" not in out and "[evaluate]" not in out
+    assert not any(f"[{p}]" in out for p in ("micle", "finetune", "evaluate", "predict", "embed")), out
