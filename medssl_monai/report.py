@@ -39,6 +39,7 @@ def _plt():
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its file watcher chats at INFO
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -70,7 +71,7 @@ def plot_curves(tb_dir: Path, out_png: Path, title: str) -> list[str]:
 
 def plot_embeddings(emb_csv: Path, manifest: pd.DataFrame, out_png: Path) -> int:
     """PCA of the backbone embeddings to 2-D, coloured by label; returns the number of points."""
-    emb = pd.read_csv(emb_csv, dtype={"sop_uid": "string", "patient_id": "string"})
+    emb = pd.read_csv(emb_csv, dtype={"sop_uid": "string", "patient_id": "string"}).copy()
     labels = manifest.drop_duplicates("sop_uid").set_index("sop_uid")["label"]
     emb["label"] = emb["sop_uid"].map(labels).fillna("(unlabelled)").astype(str)
     x = emb.filter(regex=r"^f\d+$").to_numpy(dtype=np.float64)

@@ -61,7 +61,7 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence
 def _as_tensor(x: ArrayLike) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
-    return torch.as_tensor(np.asarray(x))
+    return torch.as_tensor(np.array(x))  # a copy: arrays from pandas may be read-only
 
 
 def _class_indices(y: ArrayLike) -> torch.Tensor:
