@@ -124,8 +124,12 @@ def contrastive_dataset(
 
 
 def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
-                 classes: Sequence[str] | None = None) -> Dataset:
-    """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation."""
+                 classes: Sequence[str] | None = None, cache: bool = False) -> Dataset:
+    """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation.
+
+    ``cache`` decodes and resizes every image once and keeps the tensors (MONAI ``CacheDataset``): for
+    monitors that read the same images every epoch.
+    """
     items = []
     for r in rows.to_dict("records"):
         # ids, not paths: a pseudonymised manifest's ids are safe to write into outputs, its paths are not
@@ -139,6 +143,10 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
         EnsureFloatImaged(keys="image", num_channels=channels),
         Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),  # area: alias-free downscale
     ])
+    if cache:
+        from monai.data import CacheDataset
+
+        return CacheDataset(items, transform, progress=False, num_workers=0)
     return Dataset(items, transform)
 
 
@@ -223,7 +231,7 @@ class _NoHandler:
 def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = None,
                 dataset_dir: str | os.PathLike | None = None, train_split: str = "train", val_split: str = "val",
                 interval: int = 1, k: int = 20, image_size: int = 64, channels: int = 3, batch_size: int = 64,
-                num_workers: int = 0, max_images: int = 2000, device: str | torch.device = "cpu",
+                num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu",
                 summary_writer: Any = None) -> Any:
     """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
     (``interval <= 0``, no labels, or no validation split)."""
@@ -244,8 +252,9 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
     train = train.sample(n=min(max_images, len(train)), random_state=0)
     val = val.sample(n=min(max_images, len(val)), random_state=0)
     classes = sorted(set(train["label"]) | set(val["label"]))
-    loaders = [make_loader(eval_dataset(df, image_size, channels, classes), batch_size, num_workers, shuffle=False)
-               for df in (train, val)]
+    # cached: the monitor reads the same images every epoch (at most 2 x max_images x C x size^2 floats)
+    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True), batch_size, num_workers,
+                           shuffle=False) for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
                       summary_writer=summary_writer, num_classes=len(classes))
 

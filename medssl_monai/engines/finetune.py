@@ -514,7 +514,7 @@ def build_finetune(
 
     evaluator_handlers: list[Any] = [
         StatsHandler(
-            iteration_log=False, output_transform=lambda x: None, global_epoch_transform=_trainer_epoch
+            name=None, iteration_log=False, output_transform=lambda x: None, global_epoch_transform=_trainer_epoch
         )
     ]
     if summary_writer is not None:
@@ -539,7 +539,7 @@ def build_finetune(
     # trainer
     handlers: list[Any] = [
         ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=True),
-        StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
+        StatsHandler(name=None, tag_name="train_loss", output_transform=from_engine(["loss"], first=True)),
     ]
     scheduler = None
     if lr_schedule == "cosine":
