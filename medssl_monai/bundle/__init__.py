@@ -29,11 +29,12 @@ from .run import (
     write_embeddings,
     write_predictions,
 )
-from .weights import load_pretrained
+from .weights import classifier_def, load_pretrained
 
 __all__ = [
     "bundle_classes",
     "classification_dataset",
+    "classifier_def",
     "contrastive_dataset",
     "eval_dataset",
     "evaluate_classifier",

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..networks import TransferReport, extract_state_dict, import_torchvision_resnet, load_backbone_weights
 
-__all__ = ["load_pretrained"]
+__all__ = ["classifier_def", "load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +77,19 @@ def load_pretrained(
         head.load_state_dict({n: head_state[n] for n in own})
         logger.info("pretrained %s -> projection head: %d tensors", head_file.name, len(own))
     return report
+
+
+def classifier_def(backbone: str, in_channels: int, num_classes: int, keep_projection_layers: int = 0,
+                   projection_dim: int = 128, projection_layers: int = 3, projection_norm: str = "batch",
+                   dropout: float = 0.0) -> nn.Module:
+    """The fine-tuning bundle's ``network_def``: backbone + the first ``keep_projection_layers`` of a
+    projection head shaped like the pretraining bundles' (so their ``projection_head.pt`` loads) + linear."""
+    from ..networks import Classifier, ProjectionHead, get_backbone
+
+    net = get_backbone(backbone, in_channels=in_channels)
+    head = None
+    if keep_projection_layers > 0:
+        head = ProjectionHead(int(net.feature_dim), out_features=projection_dim, num_layers=projection_layers,
+                              norm=projection_norm)
+    return Classifier(net, num_classes, keep_projection_layers=keep_projection_layers, projection_head=head,
+                      dropout=dropout)
