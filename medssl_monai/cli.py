@@ -129,6 +129,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline_config
+    from .study import run_study, validate_study
+
+    cfg = load_pipeline_config(args.config, required="arms")
+    problems = validate_study(cfg)
+    if problems:
+        print("study config problems:\n- " + "\n- ".join(problems), file=sys.stderr)
+        return 1
+    if args.validate_only:
+        print(f"{args.config}: valid ({len(cfg['arms'])} arms, fractions {cfg['fractions']})")
+        return 0
+    results = run_study(cfg, args.run_dir, force=args.force)
+    print(results.to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medssl", description=__doc__)
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
@@ -173,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default=None, help="run folder (default: the config's run_dir)")
     s.add_argument("--force", action="store_true", help="re-run phases whose outputs exist")
     s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("study", help="the label-efficiency study: arms x label fractions x seeds")
+    s.add_argument("config")
+    s.add_argument("--run-dir", default=None)
+    s.add_argument("--force", action="store_true", help="re-run finished runs")
+    s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
+    s.set_defaults(func=cmd_study)
     return p
 
 

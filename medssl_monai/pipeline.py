@@ -40,13 +40,14 @@ _DONE = {"evaluate": "output/evaluate_done.json", "predict": "output/predictions
          "embed": "output/embeddings.csv"}
 
 
-def load_pipeline_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a pipeline config (JSON or YAML); relative paths in it are relative to the config file."""
+def load_pipeline_config(path: str | os.PathLike, required: str = "phases") -> dict[str, Any]:
+    """Read a pipeline (or study: ``required="arms"``) config, JSON or YAML; ``@`` paths in it are relative
+    to the config file."""
     path = Path(path)
     text = path.read_text()
     cfg = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-    if not isinstance(cfg, Mapping) or "phases" not in cfg:
-        raise ValueError(f"{path}: a pipeline config needs a 'phases' mapping")
+    if not isinstance(cfg, Mapping) or required not in cfg:
+        raise ValueError(f"{path}: this config needs a {required!r} entry")
     cfg = dict(cfg)
     cfg["_base"] = str(path.resolve().parent)
     return cfg
@@ -97,39 +98,50 @@ def _cli_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
 
-def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mapping[str, Any], force: bool) -> Path:
-    """Run one phase's bundle in ``run_dir/<phase>/<bundle>``; returns that bundle root."""
-    bundle, config_file, _ = PHASES[name]
-    root = run_dir / _RUNS_IN.get(name, name) / bundle
-    done = root / _DONE.get(name, "models/model.pt")
+def run_bundle(bundle_src: Path, config_file: str, root: Path, overrides: Mapping[str, Any], run_dir: Path,
+               tag: str, done: Path, copy: bool = True, force: bool = False) -> Path:
+    """Run ``config_file`` of a bundle copied to ``root`` (or already there) through MONAI's CLI.
+
+    Skipped when ``done`` exists (unless ``force``); the overrides and the command go to
+    ``run_dir/configs/<tag>.json``, the output to ``run_dir/logs/<tag>.log``.
+    """
     if done.is_file() and not force:
-        logger.info("%s: %s exists, skipped (use --force to re-run)", name, done)
+        logger.info("%s: %s exists, skipped (use --force to re-run)", tag, done)
         return root
-    if name not in _RUNS_IN:
+    if copy:
         if force and root.exists():
             shutil.rmtree(root)
         if not root.exists():
-            shutil.copytree(_bundles_dir(cfg) / bundle, root,
-                            ignore=shutil.ignore_patterns("*.pt", "output", "classes.json"))
+            shutil.copytree(bundle_src, root, ignore=shutil.ignore_patterns("*.pt", "output", "classes.json"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root),
            "--config_file", str(root / "configs" / config_file)]
     for k, v in overrides.items():
         cmd += [f"--{k}", _cli_value(v)]
     (run_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "configs" / f"{name}.json").write_text(json.dumps(
-        {"bundle": bundle, "config_file": config_file, "overrides": dict(overrides), "command": cmd}, indent=1))
+    (run_dir / "configs" / f"{tag}.json").write_text(json.dumps(
+        {"bundle": bundle_src.name, "config_file": config_file, "overrides": dict(overrides), "command": cmd},
+        indent=1))
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"[{name}] {bundle}/{config_file} ...", flush=True)
-    with open(logs / f"{name}.log", "w") as log:
+    print(f"[{tag}] {bundle_src.name}/{config_file} ...", flush=True)
+    with open(logs / f"{tag}.log", "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
     if r.returncode != 0:
-        raise RuntimeError(f"phase {name} failed (exit {r.returncode}); see {logs / f'{name}.log'}")
-    print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
-    if name == "evaluate":
+        raise RuntimeError(f"{tag} failed (exit {r.returncode}); see {logs / f'{tag}.log'}")
+    print(f"[{tag}] done in {time.time() - t0:.0f} s", flush=True)
+    if not done.is_file():  # config files that leave no model behind (evaluation) mark completion here
+        done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
     return root
+
+
+def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mapping[str, Any], force: bool) -> Path:
+    """Run one phase's bundle in ``run_dir/<phase>/<bundle>``; returns that bundle root."""
+    bundle, config_file, _ = PHASES[name]
+    root = run_dir / _RUNS_IN.get(name, name) / bundle
+    return run_bundle(_bundles_dir(cfg) / bundle, config_file, root, overrides, run_dir, name,
+                      root / _DONE.get(name, "models/model.pt"), copy=name not in _RUNS_IN, force=force)
 
 
 def phase_seconds(run_dir: Path, name: str) -> float | None:

@@ -1,0 +1,188 @@
+"""The label-efficiency study: does pretraining buy the same accuracy with fewer labels?
+
+Arms (same backbone and fine-tuning recipe): ``random`` (supervised only), ``phase1`` (SimCLR on natural
+images), ``phase1_simclr`` (phase 1 + SimCLR on the medical images, one image per item) and
+``phase1_micle`` (phase 1 + MICLe on pairs of a lesion's different images). Each arm is fine-tuned on
+label fractions (the manifest's nested ``labeled_<p>pct`` subsets) with several seeds and evaluated on the
+validation split; the results table, the curve and the wall time go to the run folder.
+
+    medssl study configs/experiments/ham10000_label_efficiency.json [--validate-only]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .data.manifest import atomic_write_text, write_manifest
+from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+
+__all__ = ["ARMS", "run_study", "validate_study"]
+
+logger = logging.getLogger(__name__)
+
+#: arm -> (starts from phase 1, medical pretraining pairing or None)
+ARMS: dict[str, tuple[bool, str | None]] = {
+    "random": (False, None),
+    "phase1": (True, None),
+    "phase1_simclr": (True, "simclr"),
+    "phase1_micle": (True, "micle"),
+}
+
+
+def _bundle_keys(bundle: str, config_file: str = "train.json") -> set[str]:
+    return set(json.loads((REPO_BUNDLES / bundle / "configs" / config_file).read_text()))
+
+
+def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
+    """Problems with a study config (empty when it can run): arms, fractions, seeds, override keys, data."""
+    problems = []
+    base = Path(cfg.get("_base", "."))
+    arms = cfg.get("arms", [])
+    problems += [f"unknown arm {a!r} (known: {sorted(ARMS)})" for a in arms if a not in ARMS]
+    fractions = [float(f) for f in cfg.get("fractions", [])]
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        problems.append(f"fractions must be in (0, 1]: {fractions}")
+    seeds = {float(k): v for k, v in (cfg.get("seeds") or {}).items()}
+    for f in fractions:
+        if f not in seeds or not seeds[f]:
+            problems.append(f"no seeds for fraction {f}")
+        elif f < 1 and len(seeds[f]) < int(cfg.get("min_seeds", 3)):
+            problems.append(f"fraction {f}: {len(seeds[f])} seed(s), at least {cfg.get('min_seeds', 3)} needed")
+    for section, bundle in (("common", None), ("phase1", "simclr_natural"), ("medical", "micle_medical"),
+                            ("finetune", "finetune_classification")):
+        keys = cfg.get(section) or {}
+        bundles = [bundle] if bundle else ["simclr_natural", "micle_medical", "finetune_classification"]
+        for b in bundles:
+            unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys(b))
+            if unknown:
+                problems.append(f"{section}: keys {unknown} are not top-level keys of {b}/configs/train.json")
+    if check_data:
+        table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
+        if not table.is_file():
+            problems.append(f"table {table} not found")
+        if any(ARMS[a][0] for a in arms if a in ARMS):
+            natural = Path(_resolve(cfg.get("natural_dir", ""), base))
+            if not natural.is_dir():
+                problems.append(f"natural_dir {natural} not found")
+    return problems
+
+
+def _manifest(cfg: Mapping[str, Any], run: Path) -> Path:
+    from .data import table_to_manifest
+
+    out = run / "data" / "manifest.csv"
+    if not out.is_file():
+        t = dict(cfg["table"])
+        path = _resolve(t.pop("path"), Path(cfg["_base"]))
+        subset = t.pop("subset", None)
+        df = table_to_manifest(path, **t)
+        if subset:
+            df = df[df[subset].astype(str).str.lower() == "true"]
+        write_manifest(df, out)
+    return out
+
+
+def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
+              force: bool = False) -> pd.DataFrame:
+    """Run (or resume: finished runs are skipped) the whole study; returns the per-run results table."""
+    cfg = load_pipeline_config(config, required="arms") if not isinstance(config, Mapping) else dict(config)
+    problems = validate_study(cfg)
+    if problems:
+        raise ValueError("study config problems:\n- " + "\n- ".join(problems))
+    base = Path(cfg["_base"])
+    run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/study"), base))
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    manifest = _manifest(cfg, run)
+    common = dict(cfg.get("common") or {})
+    models: dict[str, str | None] = {"random": None}
+    arms = list(cfg["arms"])
+    if any(ARMS[a][0] for a in arms):
+        root = run / "pretrain" / "phase1" / "simclr_natural"
+        run_bundle(REPO_BUNDLES / "simclr_natural", "train.json", root,
+                   {**common, "dataset_dir": _resolve(cfg["natural_dir"], base), "knn_interval": 0,
+                    **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force)
+        models["phase1"] = str(root / "models" / "model.pt")
+    for arm in arms:
+        pairing = ARMS[arm][1]
+        if pairing is None:
+            continue
+        root = run / "pretrain" / arm / "micle_medical"
+        run_bundle(REPO_BUNDLES / "micle_medical", "train.json", root,
+                   {**common, "manifest": str(manifest), "pairing": pairing, "patient_aware": pairing == "micle",
+                    "pretrained_ckpt": models["phase1"], **(cfg.get("medical") or {})},
+                   run, f"pretrain_{arm}", root / "models/model.pt", force=force)
+        models[arm] = str(root / "models" / "model.pt")
+    rows = []
+    seeds = {float(k): v for k, v in cfg["seeds"].items()}
+    eval_split = cfg.get("eval_split", "val")
+    for arm in arms:
+        for frac in (float(f) for f in cfg["fractions"]):
+            for seed in seeds[frac]:
+                tag = f"ft_{arm}_{frac:g}_s{seed}"
+                root = run / "finetune" / arm / f"f{frac:g}_s{seed}" / "finetune_classification"
+                run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
+                           {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
+                            "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
+                           run, tag, root / "models/model.pt", force=force)
+                ev = root / "output" / f"eval_{eval_split}"
+                run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
+                           {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
+                            "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
+                           copy=False, force=force)
+                m = json.loads((ev / "metrics.json").read_text())
+                rows.append({"arm": arm, "fraction": frac, "seed": seed, "balanced_accuracy": m["balanced_accuracy"],
+                             "auc_macro": m["auc_macro"], "accuracy": m["accuracy"]})
+    results = pd.DataFrame(rows)
+    results.to_csv(run / "results.csv", index=False)
+    write_study_summary(results, run, time.time() - t0, eval_split)
+    return results
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and seed count per arm and fraction."""
+    g = results.groupby(["arm", "fraction"])
+    out = g[["balanced_accuracy", "auc_macro"]].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out["seeds"] = g.size()
+    return out.reset_index()
+
+
+def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_split: str) -> Path:
+    """``results.md`` (table with seed counts and spread) and ``label_efficiency.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    summary = summarize(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("balanced_accuracy", "auc_macro")):
+        for arm, g in summary.groupby("arm", sort=False):
+            ax.errorbar(g["fraction"] * 100, g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker="o",
+                        capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("% of training labels")
+        ax.set_ylabel(f"{metric} ({eval_split})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run / "label_efficiency.png", dpi=100)
+    plt.close(fig)
+    lines = ["| arm | labels | balanced accuracy | macro AUC | seeds |", "|---|---:|---:|---:|---:|"]
+    for r in summary.itertuples(index=False):
+        sd = lambda v: "" if pd.isna(v) else f" ± {v:.3f}"  # noqa: E731
+        lines.append(f"| {r.arm} | {r.fraction:.0%} | {r.balanced_accuracy_mean:.3f}{sd(r.balanced_accuracy_std)} | "
+                     f"{r.auc_macro_mean:.3f}{sd(r.auc_macro_std)} | {r.seeds} |")
+    text = (f"# Label-efficiency study\n\nWall time: {seconds / 60:.1f} min. Metrics on the `{eval_split}` split, "
+            "mean ± standard deviation over seeds.\n\n" + "\n".join(lines) + "\n\n![curve](label_efficiency.png)\n")
+    out = run / "results.md"
+    atomic_write_text(out, text)
+    return out
