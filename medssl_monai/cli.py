@@ -146,6 +146,33 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similarity(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bundle.data import eval_dataset, load_rows
+    from .networks import get_backbone, load_backbone_weights
+    from .similarity import save_similarity, stage_similarity
+
+    rows = load_rows(manifest=args.manifest, split=args.split, limit=args.limit)
+    rows = rows.sample(frac=1.0, random_state=0)  # a random subset when max_examples cuts it
+    loader = torch.utils.data.DataLoader(eval_dataset(rows, args.image_size, args.in_channels),
+                                         batch_size=64, num_workers=args.num_workers)
+    models = []
+    for ckpt, name in ((args.ckpt_a, args.backbone_a), (args.ckpt_b, args.backbone_b or args.backbone_a)):
+        net = get_backbone(name, in_channels=args.in_channels)
+        report = load_backbone_weights(net, ckpt, strict=True)
+        logger.info("%s -> %s: %s", ckpt, name, report.summary())
+        models.append(net.eval())
+    df = stage_similarity(models[0], models[1], loader, method=args.method, max_examples=args.max_examples,
+                          mode=args.mode, name_a=args.ckpt_a, name_b=args.ckpt_b)
+    out = Path(args.out)
+    save_similarity(df, out.with_suffix(".csv"), out.with_suffix(".png"),
+                    title=f"{args.method.upper()} ({args.mode}, {df.attrs.get('n_rows', '?')} rows)")
+    print(df.round(3).to_string())
+    print(f"-> {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medssl", description=__doc__)
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
@@ -197,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="re-run finished runs")
     s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
     s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("similarity", help="layer-wise SVCCA/CKA between two models' stages on the same images")
+    s.add_argument("ckpt_a")
+    s.add_argument("ckpt_b")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--backbone-a", default="resnet18")
+    s.add_argument("--backbone-b", default=None, help="default: --backbone-a")
+    s.add_argument("--method", default="cka", choices=["cka", "svcca"])
+    s.add_argument("--mode", default="pool", choices=["pool", "positions"], help="conv maps: pooled or per position")
+    s.add_argument("--split", default=None)
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--max-examples", type=int, default=2000, help="rows kept per stage (bounds memory)")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--in-channels", type=int, default=3)
+    s.add_argument("--num-workers", type=int, default=0)
+    s.add_argument("--out", default="similarity", help="output stem: <out>.csv and <out>.png")
+    s.set_defaults(func=cmd_similarity)
     return p
 
 
