@@ -24,18 +24,19 @@ a random subset for a representative one), so the stored activations take at mos
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+
+from .data.manifest import atomic_write_bytes
 
 __all__ = [
     "collect_activations",
@@ -369,22 +370,6 @@ def stage_similarity(
     return df
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_similarity(
     df: pd.DataFrame,
     csv_path: str | os.PathLike | None = None,
@@ -399,7 +384,7 @@ def save_similarity(
     """
     if csv_path is not None:
         text = df.to_csv(float_format="%.6g")
-        _atomic_replace(Path(csv_path), lambda p: Path(p).write_text(text, encoding="utf-8"))
+        atomic_write_bytes(csv_path, text.encode("utf-8"))
     if png_path is None:
         return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -426,4 +411,6 @@ def save_similarity(
                 ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _atomic_replace(Path(png_path), lambda p: fig.savefig(p, format="png", dpi=100))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(png_path, buf.getvalue())

@@ -19,6 +19,7 @@ __all__ = [
     "ID_COLUMNS",
     "MANIFEST_COLUMNS",
     "PATHMAP_PREFIX",
+    "atomic_write_bytes",
     "atomic_write_text",
     "errors_path",
     "meta_path",
@@ -77,15 +78,15 @@ def meta_path(manifest: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".meta.json")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
-    """Write a file so that a reader sees the old or the new content, never half of it."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write a file so that a reader sees the old or the new content, never half of it (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        if mode is None:  # mkstemp makes 0600 files; a manifest gets the usual umask-derived mode
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if mode is None:  # mkstemp makes 0600 files; outputs get the usual umask-derived mode
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o666 & ~umask
@@ -95,6 +96,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def _order(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy, ConfusionMatrix, Metric, MetricsLambda
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import ROCAUCMetric, compute_roc_auc
+
+from ..data.manifest import atomic_write_bytes
 
 __all__ = [
     "ClassAUCMetric",
@@ -298,23 +299,6 @@ def attach_classification_metrics(
 # --------------------------------------------------------------------------------------------------
 # confusion-matrix files
 # --------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + ``os.replace`` in the same folder: a reader sees the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def confusion_matrix_csv(cm: np.ndarray, class_names: Sequence[str]) -> str:
     """CSV text: header ``true\\predicted,<classes>``, one row per true class."""
     import pandas as pd
@@ -412,6 +396,6 @@ class ConfusionMatrixWriter:
             return
         epoch = getattr(engine.state, "epoch", None)
         title = f"epoch {epoch}" if epoch is not None else ""
-        _atomic_write_bytes(self.csv_path, confusion_matrix_csv(self.matrix, self.class_names).encode())
-        _atomic_write_bytes(self.png_path, confusion_matrix_png(self.matrix, self.class_names, title))
+        atomic_write_bytes(self.csv_path, confusion_matrix_csv(self.matrix, self.class_names).encode())
+        atomic_write_bytes(self.png_path, confusion_matrix_png(self.matrix, self.class_names, title))
         logger.debug("wrote %s and %s", self.csv_path, self.png_path)
