@@ -146,6 +146,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfusion(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline_config
+    from .transfusion import plan_runs, run_transfusion, validate_transfusion
+
+    cfg = load_pipeline_config(args.config, required="models")
+    problems = validate_transfusion(cfg)
+    if problems:
+        print("transfusion config problems:\n- " + "\n- ".join(problems), file=sys.stderr)
+        return 1
+    if args.validate_only:
+        print(f"{args.config}: valid ({len(cfg['models'])} backbones, {len(plan_runs(cfg))} fine-tuning runs)")
+        return 0
+    results = run_transfusion(cfg, args.run_dir, force=args.force)
+    print(results.drop(columns=["before", "after"]).to_string(index=False))
+    return 0
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     import torch
 
@@ -224,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="re-run finished runs")
     s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
     s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("transfusion", help="Transfusion experiments: init, hybrid reuse, Mean-Var, similarity")
+    s.add_argument("config")
+    s.add_argument("--run-dir", default=None)
+    s.add_argument("--force", action="store_true", help="re-run finished runs")
+    s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
+    s.set_defaults(func=cmd_transfusion)
 
     s = sub.add_parser("similarity", help="layer-wise SVCCA/CKA between two models' stages on the same images")
     s.add_argument("ckpt_a")

@@ -63,6 +63,12 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
             unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys(b))
             if unknown:
                 problems.append(f"{section}: keys {unknown} are not top-level keys of {b}/configs/train.json")
+    for arm, keys in (cfg.get("medical_per_arm") or {}).items():
+        if ARMS.get(arm, (False, None))[1] is None:
+            problems.append(f"medical_per_arm: {arm!r} is not an arm with medical pretraining")
+        unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys("micle_medical"))
+        if unknown:
+            problems.append(f"medical_per_arm.{arm}: keys {unknown} are not top-level keys of micle_medical")
     if check_data:
         table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
         if not table.is_file():
@@ -117,7 +123,8 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         root = run / "pretrain" / arm / "micle_medical"
         run_bundle(REPO_BUNDLES / "micle_medical", "train.json", root,
                    {**common, "manifest": str(manifest), "pairing": pairing, "patient_aware": pairing == "micle",
-                    "pretrained_ckpt": models["phase1"], **(cfg.get("medical") or {})},
+                    "pretrained_ckpt": models["phase1"], **(cfg.get("medical") or {}),
+                    **((cfg.get("medical_per_arm") or {}).get(arm) or {})},
                    run, f"pretrain_{arm}", root / "models/model.pt", force=force)
         models[arm] = str(root / "models" / "model.pt")
     rows = []

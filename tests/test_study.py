@@ -12,7 +12,7 @@ from medssl_monai.pipeline import load_pipeline_config
 from medssl_monai.study import run_study, validate_study
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.json"))
+CONFIGS = sorted((REPO / "configs" / "experiments").glob("*label_efficiency*.json"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,370 @@
+"""Transfusion experiments (Raghu et al. 2019) on your own data: what does pretraining buy, and where?
+
+One config, one command (``medssl transfusion CONFIG``), four experiments, every run a fine-tuning bundle run:
+
+1. ``init``: each backbone (a ResNet and the CBR family) fine-tuned from a random init and from its own
+   phase-1 SimCLR checkpoint; final balanced accuracy / macro AUC and *steps to reach* fixed validation AUCs.
+2. ``hybrid``: pretrained weights for the first ``k`` stages only, the rest re-initialised, or slimmed
+   (narrower upper stages, ``backbone_kwargs``).
+3. ``mean_var``: Mean-Var init (weights drawn from each pretrained tensor's mean and variance).
+4. ``similarity``: per-stage CKA and SVCCA of every ``init`` run's backbone before vs after fine-tuning.
+
+Random inits are drawn here and saved as checkpoints, so "before" exists for the similarity of random-init
+runs and the fine-tuning bundle loads them like any other checkpoint (``transfer_mode=full``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .data.manifest import atomic_write_text
+from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+from .study import _bundle_keys, _manifest
+
+__all__ = ["plan_runs", "run_transfusion", "steps_to_target", "validate_transfusion"]
+
+logger = logging.getLogger(__name__)
+
+
+def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
+    """Problems with a transfusion config (empty when it can run)."""
+    from .networks import available_backbones
+
+    problems = []
+    models = list(cfg.get("models") or [])
+    if not models:
+        problems.append("models: list at least one backbone")
+    known = set(available_backbones())
+    problems += [f"unknown backbone {m!r}" for m in models if m not in known]
+    hybrid = cfg.get("hybrid") or {}
+    if hybrid and hybrid.get("model") not in models:
+        problems.append(f"hybrid.model {hybrid.get('model')!r} must be one of models {models}")
+    problems += [f"mean_var model {m!r} is not in models" for m in cfg.get("mean_var") or [] if m not in models]
+    if not cfg.get("targets"):
+        problems.append("targets: list at least one validation AUC to measure steps-to-target")
+    for section, bundle in (("pretrain", "simclr_natural"), ("finetune", "finetune_classification")):
+        unknown = sorted(k for k in (cfg.get(section) or {}) if k not in _bundle_keys(bundle))
+        if unknown:
+            problems.append(f"{section}: keys {unknown} are not top-level keys of {bundle}/configs/train.json")
+    if check_data:
+        base = Path(cfg.get("_base", "."))
+        if not Path(_resolve(cfg.get("table", {}).get("path", ""), base)).is_file():
+            problems.append("table: file not found")
+        if not Path(_resolve(cfg.get("natural_dir", ""), base)).is_dir():
+            problems.append("natural_dir: folder not found")
+    return problems
+
+
+def plan_runs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every fine-tuning run of the config: experiment, model, init, k, slim overrides, seed."""
+    seeds = cfg.get("seeds", [0])
+    model_seeds = cfg.get("model_seeds") or {}
+    runs = []
+    for model in cfg["models"]:
+        for seed in model_seeds.get(model, seeds):
+            for init in ("random", "phase1"):
+                runs.append({"experiment": "init", "model": model, "init": init, "k": None, "slim": None,
+                             "seed": seed})
+    hybrid = cfg.get("hybrid") or {}
+    if hybrid:
+        model = hybrid["model"]
+        slim = {int(k): v for k, v in (hybrid.get("slim") or {}).items()}
+        for seed in hybrid.get("seeds", model_seeds.get(model, seeds)):
+            for k in hybrid.get("ks", []):
+                runs.append({"experiment": "hybrid", "model": model, "init": "first_k", "k": int(k), "slim": None,
+                             "seed": seed})
+                if int(k) in slim:
+                    runs.append({"experiment": "hybrid", "model": model, "init": "first_k_slim", "k": int(k),
+                                 "slim": slim[int(k)], "seed": seed})
+    for model in cfg.get("mean_var") or []:
+        for seed in model_seeds.get(model, seeds):
+            runs.append({"experiment": "mean_var", "model": model, "init": "mean_var", "k": None, "slim": None,
+                         "seed": seed})
+    return runs
+
+
+def run_name(r: Mapping[str, Any]) -> str:
+    k = f"_k{r['k']}" if r["k"] is not None else ""
+    return f"{r['model']}_{r['init']}{k}_s{r['seed']}"
+
+
+def shrink_image_folder(src: Path, dst: Path, size: int) -> Path:
+    """Copy an ImageNet-style folder with every image resized to ``size`` px PNG (RGB).
+
+    Phase 1 at 32-64 px spends most of its time decoding 224 px JPEGs; decoding them once here makes the
+    per-model pretraining compute-bound. Done once per size (a ``.done`` marker), atomically per file.
+    """
+    from PIL import Image
+
+    marker = dst / ".done"
+    if marker.is_file():
+        return dst
+    for p in sorted(src.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in (".jpeg", ".jpg", ".png"):
+            continue
+        out = (dst / p.relative_to(src)).with_suffix(".png")
+        if out.is_file():
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(p) as im:
+            small = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        tmp = out.with_suffix(".tmp.png")
+        small.save(tmp)
+        tmp.replace(out)
+    marker.write_text("")
+    return dst
+
+
+def random_init_checkpoint(model: str, in_channels: int, seed: int, out: Path,
+                           backbone_kwargs: Mapping[str, Any] | None = None) -> Path:
+    """A backbone's default random init, drawn with ``seed`` and saved, so it is a "before" checkpoint."""
+    from .data.manifest import atomic_write_bytes
+    from .networks import get_backbone
+
+    if not out.is_file():
+        torch.manual_seed(seed)
+        net = get_backbone(model, in_channels=in_channels, **dict(backbone_kwargs or {}))
+        import io
+
+        buf = io.BytesIO()
+        torch.save(net.state_dict(), buf)
+        atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def read_curve(tb_dir: Path) -> pd.DataFrame:
+    """Per-epoch validation metrics of a fine-tuning run (its TensorBoard events) with the training step."""
+    from .report import _scalars
+
+    s = _scalars(tb_dir)
+    if "auc_macro" not in s:
+        raise ValueError(f"{tb_dir}: no validation 'auc_macro' in the TensorBoard events")
+    epochs = [e for e, _ in s["auc_macro"]]
+    iters = max(step for step, _ in s["train_loss"]) if s.get("train_loss") else None
+    per_epoch = iters / max(epochs) if iters else float("nan")
+    df = pd.DataFrame({"epoch": epochs, "auc_macro": [v for _, v in s["auc_macro"]]})
+    if "balanced_accuracy" in s:
+        df["balanced_accuracy"] = [v for _, v in s["balanced_accuracy"]]
+    df["step"] = (df["epoch"] * per_epoch).round().astype(int)
+    return df
+
+
+def steps_to_target(curve: pd.DataFrame, target: float) -> int | None:
+    """Training steps until the validation AUC first reaches ``target`` (``None``: never reached)."""
+    hit = curve[curve["auc_macro"] >= target]
+    return int(hit["step"].iloc[0]) if len(hit) else None
+
+
+def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader, max_examples: int,
+                mode: str = "positions", max_points: int = 512) -> pd.DataFrame:
+    """CKA and SVCCA between each stage of a backbone before and after fine-tuning (same stage only).
+
+    ``mode="positions"`` treats every spatial position as a data point (the SVCCA authors' recipe for conv
+    layers), which also gives SVCCA many more rows than channels.
+    """
+    from .networks import get_backbone, load_backbone_weights
+    from .similarity import stage_similarity
+
+    nets = []
+    for ckpt in (before, after):
+        net = get_backbone(model, in_channels=in_channels)
+        load_backbone_weights(net, ckpt, strict=True)
+        nets.append(net.eval())
+    rows = []
+    for method in ("cka", "svcca"):
+        df = stage_similarity(nets[0], nets[1], loader, method=method, max_examples=max_examples, mode=mode,
+                              max_points=max_points)
+        for i, stage in enumerate(df.index):
+            rows.append({"stage": stage, "depth": (i + 1) / len(df.index), "method": method,
+                         "similarity": float(df.loc[stage, stage])})
+    return pd.DataFrame(rows)
+
+
+def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
+                    force: bool = False) -> pd.DataFrame:
+    """Run (or resume: finished runs are skipped) the four experiments; returns the per-run table."""
+    cfg = load_pipeline_config(config, required="models") if not isinstance(config, Mapping) else dict(config)
+    problems = validate_transfusion(cfg)
+    if problems:
+        raise ValueError("transfusion config problems:\n- " + "\n- ".join(problems))
+    base = Path(cfg["_base"])
+    run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/transfusion"), base))
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    manifest = _manifest(cfg, run)
+    common = dict(cfg.get("common") or {})
+    in_channels = int(common.get("in_channels", 3))
+    natural = Path(_resolve(cfg["natural_dir"], base))
+    if cfg.get("natural_size"):
+        natural = shrink_image_folder(natural, run / "data" / f"natural_{cfg['natural_size']}",
+                                      int(cfg["natural_size"]))
+
+    phase1: dict[str, Path] = {}
+    for model in cfg["models"]:
+        root = run / "pretrain" / model / "simclr_natural"
+        run_bundle(REPO_BUNDLES / "simclr_natural", "train.json", root,
+                   {**common, "backbone": model, "dataset_dir": str(natural), **(cfg.get("pretrain") or {})},
+                   run, f"pretrain_{model}", root / "models/model.pt", force=force)
+        phase1[model] = root / "models" / "model.pt"
+
+    rows = []
+    for r in plan_runs(cfg):
+        name = run_name(r)
+        if r["init"] == "random":
+            ckpt, mode = random_init_checkpoint(r["model"], in_channels, r["seed"],
+                                                run / "init" / f"{r['model']}_random_s{r['seed']}.pt"), "full"
+        elif r["init"] == "phase1":
+            ckpt, mode = phase1[r["model"]], "full"
+        elif r["init"].startswith("first_k"):
+            ckpt, mode = phase1[r["model"]], "first_k"
+        else:
+            ckpt, mode = phase1[r["model"]], "mean_var"
+        root = run / "finetune" / r["experiment"] / name / "finetune_classification"
+        overrides = {**common, "backbone": r["model"], "manifest": str(manifest), "pretrained_ckpt": str(ckpt),
+                     "transfer_mode": mode, "seed": r["seed"], **(cfg.get("finetune") or {})}
+        if r["k"] is not None:
+            overrides["transfer_k"] = r["k"]
+        if r["slim"]:
+            overrides["backbone_kwargs"] = r["slim"]
+        run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root, overrides, run,
+                   f"ft_{r['experiment']}_{name}", root / "models/model.pt", force=force)
+        curve = read_curve(root / "output" / "tensorboard")
+        curve.to_csv(root / "output" / "val_curve.csv", index=False)
+        last = curve.iloc[-1]
+        row = {**{k: v for k, v in r.items() if k != "slim"}, "slim": json.dumps(r["slim"]) if r["slim"] else "",
+               "run": name, "before": str(ckpt), "after": str(root / "models" / "model.pt"),
+               "balanced_accuracy": float(last.get("balanced_accuracy", float("nan"))),
+               "auc_macro": float(last["auc_macro"]), "best_auc": float(curve["auc_macro"].max()),
+               "steps_per_epoch": float(curve["step"].iloc[0] / curve["epoch"].iloc[0])}
+        for t in cfg["targets"]:
+            row[f"steps_to_auc_{t:g}"] = steps_to_target(curve, float(t))
+        rows.append(row)
+    results = pd.DataFrame(rows)
+    results.to_csv(run / "results.csv", index=False)
+
+    sim = similarity_before_after(results, cfg, manifest, run)
+    write_transfusion_summary(results, sim, run, time.time() - t0, cfg)
+    return results
+
+
+def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manifest: Path, run: Path
+                            ) -> pd.DataFrame:
+    """Experiment 4: per-stage CKA/SVCCA before vs after fine-tuning for every ``init`` run."""
+    out = run / "similarity_before_after.csv"
+    if out.is_file() and len(pd.read_csv(out)["run"].unique()) == (results["experiment"] == "init").sum():
+        return pd.read_csv(out)
+    from .bundle.data import eval_dataset, load_rows
+
+    opts = cfg.get("similarity") or {}
+    common = cfg.get("common") or {}
+    rows = load_rows(manifest=manifest, split=opts.get("split", "val")).sample(frac=1.0, random_state=0)
+    n = int(opts.get("max_examples", 4000))
+    loader = torch.utils.data.DataLoader(
+        eval_dataset(rows, int(common.get("image_size", 64)), int(common.get("in_channels", 3)), cache=True),
+        batch_size=100, num_workers=0)
+    parts = []
+    for r in results[results["experiment"] == "init"].itertuples(index=False):
+        df = stage_moves(Path(r.before), Path(r.after), r.model, int(common.get("in_channels", 3)), loader, n,
+                         mode=opts.get("mode", "positions"), max_points=int(opts.get("max_points", 512)))
+        parts.append(df.assign(run=r.run, model=r.model, init=r.init, seed=r.seed))
+    sim = pd.concat(parts, ignore_index=True)
+    sim.to_csv(out, index=False)
+    return sim
+
+
+def _param_count(model: str, in_channels: int, slim: str = "") -> int:
+    from .networks import get_backbone
+
+    net = get_backbone(model, in_channels=in_channels, **(json.loads(slim) if slim else {}))
+    return sum(p.numel() for p in net.parameters())
+
+
+def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Path, seconds: float,
+                              cfg: Mapping[str, Any]) -> Path:
+    """``results.md`` (tables per experiment), ``curves.png`` (val AUC vs step) and ``similarity.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    in_channels = int((cfg.get("common") or {}).get("in_channels", 3))
+    targets = [f"steps_to_auc_{t:g}" for t in cfg["targets"]]
+    exps = list(dict.fromkeys(results["experiment"]))
+    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps):
+        sub = results[(results["experiment"] == exp) & (results["seed"] == results["seed"].min())]
+        for r in sub.itertuples(index=False):
+            curve = pd.read_csv(Path(r.after).parent.parent / "output" / "val_curve.csv")
+            ax.plot(curve["step"], curve["auc_macro"], marker=".", label=r.run.rsplit("_s", 1)[0])
+        for t in cfg["targets"]:
+            ax.axhline(float(t), color="grey", lw=0.5, ls="--")
+        ax.set_title(exp)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("val macro AUC")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    mean = sim.groupby(["model", "init", "method", "stage", "depth"], sort=False)["similarity"].mean().reset_index()
+    for ax, method in zip(axes, ("cka", "svcca")):
+        for (model, init), g in mean[mean["method"] == method].groupby(["model", "init"], sort=False):
+            ax.plot(g["depth"], g["similarity"], marker="o", ls="-" if init == "random" else "--",
+                    label=f"{model} ({init})")
+        ax.set_xlabel("relative depth of the stage")
+        ax.set_ylabel(f"{method.upper()}(before, after fine-tuning)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / "similarity.png", dpi=100)
+    plt.close(fig)
+
+    agg = {"balanced_accuracy": ["mean", "std"], "auc_macro": ["mean", "std"], "seed": "count",
+           **{t: "median" for t in targets}}
+    lines = [f"# Transfusion experiments\n\nWall time: {seconds / 60:.1f} min. Validation metrics after the last "
+             f"epoch (mean ± std over seeds); steps to reach a validation macro AUC (median over seeds; '-' = "
+             "not reached within the run).\n"]
+    for exp in exps:
+        sub = results[results["experiment"] == exp]
+        g = sub.groupby(["model", "init", "k", "slim"], dropna=False, sort=False).agg(agg)
+        g.columns = ["bal_mean", "bal_std", "auc_mean", "auc_std", "seeds", *targets]
+        lines += [f"\n## {exp}\n", "| model | params | init | k | slim | balanced acc. | macro AUC | seeds | "
+                  + " | ".join(f"steps to AUC {t:g}" for t in cfg["targets"]) + " |",
+                  "|---|---:|---|---:|---|---:|---:|---:|" + "---:|" * len(targets)]
+        for (model, init, k, slim), v in g.iterrows():
+            sd = lambda x: "" if pd.isna(x) else f" ± {x:.3f}"  # noqa: E731
+            steps = " | ".join("-" if pd.isna(v[t]) else f"{v[t]:.0f}" for t in targets)
+            kk = "" if pd.isna(k) else f"{int(k)}"
+            lines.append(f"| {model} | {_param_count(model, in_channels, slim) / 1e6:.2f}M | {init} | {kk} | {slim or ''} | "
+                         f"{v.bal_mean:.3f}{sd(v.bal_std)} | {v.auc_mean:.3f}{sd(v.auc_std)} | {v.seeds} | {steps} |")
+    mean["stage_no"] = mean.groupby(["model", "init", "method"], sort=False).cumcount() + 1
+    mean["cell"] = mean["stage"] + " " + mean["similarity"].map("{:.3f}".format)
+    lines.append("\n## similarity before vs after fine-tuning (per stage from the input up, mean over seeds)\n")
+    for method in ("cka", "svcca"):
+        piv = mean[mean["method"] == method].pivot_table(index=["model", "init"], columns="stage_no", values="cell",
+                                                         aggfunc="first", sort=False)
+        lines += [f"\n{method.upper()}:\n", _md(piv)]
+    lines += [
+              "\n![curves](curves.png)\n\n![similarity](similarity.png)\n"]
+    out = run / "results.md"
+    atomic_write_text(out, "\n".join(lines))
+    return out
+
+
+def _md(df: pd.DataFrame) -> str:
+    cols = [f"stage {c}" for c in df.columns]
+    head = "| model | init | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols)
+    body = ["| " + " | ".join(str(i) for i in idx) + " | " + " | ".join("" if pd.isna(x) else str(x) for x in row)
+            + " |" for idx, row in zip(df.index, df.to_numpy())]
+    return "\n".join([head, *body])
