@@ -393,3 +393,26 @@ def test_classification_dataset_flips_follow_the_preset():
     assert flips(None) == [(1, 0.5)]  # unchanged default: horizontal flips
     assert flips("chest_xray") == []  # laterality is a cue in radiographs
     assert flips("dermatology") == [(0, 0.5), (1, 0.5)]
+
+
+def test_resumed_finetune_keeps_the_best_metric(tmp_path):
+    """The evaluator's best key metric travels in the checkpoint: a resumed run does not restart it at -1."""
+    train, val = separable([16, 16, 16], seed=0), separable([8, 8, 8], seed=1)
+
+    def build(max_epochs):
+        net = tiny_classifier(3)
+        return build_finetune(net, loader(train, shuffle=True), loader(val), 3, lr=0.05, max_epochs=max_epochs,
+                              checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+    trainer, evaluator = build(2)
+    rec = Recorder(evaluator)
+    trainer.run()
+    best, best_epoch = evaluator.state.best_metric, evaluator.state.best_metric_epoch
+    assert best == pytest.approx(max(r["metrics"]["auc_macro"] for r in rec.runs)) and best_epoch in (1, 2)
+
+    trainer2, evaluator2 = build(2)  # a fresh process would build these again, then resume the finished run
+    assert evaluator2.state.best_metric == -1
+    trainer2.run()
+    assert trainer2.state.epoch == 2
+    assert evaluator2.state.best_metric == pytest.approx(best)
+    assert evaluator2.state.best_metric_epoch == best_epoch

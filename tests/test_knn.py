@@ -171,3 +171,20 @@ def test_monitor_is_near_chance_for_random_labels():
     monitor = KNNMonitor(nn.Identity(), [{"image": x[:400], "label": y[:400]}],
                          [{"image": x[400:], "label": y[400:]}], k=20)
     assert 0.38 < monitor.compute() < 0.62
+
+
+def test_bundle_knn_monitor_runs_on_rank_0_only(monkeypatch):
+    """Under DDP only rank 0 logs, so the other ranks skip the (identical) k-NN pass."""
+    import ignite.distributed as idist
+    from conftest import require_data
+
+    from medssl_monai.bundle.data import _NoHandler, knn_monitor
+    from medssl_monai.engines.knn import KNNMonitor
+    from medssl_monai.networks import get_backbone
+
+    natural = require_data("imagenette")
+    net = get_backbone("cbr_tiny")
+    kw = {"dataset_dir": natural, "interval": 1, "image_size": 16, "max_images": 20}
+    assert isinstance(knn_monitor(net, **kw), KNNMonitor)
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)
+    assert isinstance(knn_monitor(net, **kw), _NoHandler)

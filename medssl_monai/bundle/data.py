@@ -234,10 +234,14 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
                 num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu",
                 summary_writer: Any = None) -> Any:
     """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
-    (``interval <= 0``, no labels, or no validation split)."""
+    (``interval <= 0``, no labels, or no validation split) or need not (ranks other than 0 under DDP: the
+    monitor reads the plain backbone, no collective, and only rank 0 logs it)."""
     from ..engines.knn import KNNMonitor
+    from .distributed import is_main
 
     if interval <= 0:
+        return _NoHandler()
+    if not is_main():
         return _NoHandler()
     try:
         train = load_rows(manifest, dataset_dir, split=train_split)

@@ -390,6 +390,25 @@ def _amp_dtype(amp: bool | str | None) -> torch.dtype | None:
     raise ValueError(f"amp must be None/False/'none', True/'fp16' or 'bf16', got {amp!r}.")
 
 
+class EvaluatorBest:
+    """The evaluator's best key metric as a checkpointable object.
+
+    Ignite's engine state holds only epoch/iteration; without this a resumed fine-tune would compare its
+    next validation against -1 and report a "best" that is not.
+    """
+
+    def __init__(self, evaluator: Any) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.evaluator.state
+        return {"best_metric": float(s.best_metric), "best_metric_epoch": int(s.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+
+
 def build_finetune(
     network: Classifier,
     train_loader: Iterable,
@@ -557,7 +576,7 @@ def build_finetune(
     if checkpoint_dir is not None:  # last: it must save the state the epoch-end handlers above leave behind
         from .checkpoint import TrainingCheckpoint
 
-        objects: dict[str, Any] = {"model": inner, "optimizer": optimizer}
+        objects: dict[str, Any] = {"model": inner, "optimizer": optimizer, "evaluator_best": EvaluatorBest(evaluator)}
         if scheduler is not None:
             objects["lr_scheduler"] = scheduler
         handlers.append(TrainingCheckpoint(checkpoint_dir, objects, n_saved=2, resume=resume))
