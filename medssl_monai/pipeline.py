@@ -159,6 +159,41 @@ def phase_seconds(run_dir: Path, name: str) -> float | None:
     return (datetime.strptime(stamps[-1], fmt) - datetime.strptime(stamps[0], fmt)).total_seconds()
 
 
+def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, finetune: Mapping[str, Any],
+                         force: bool = False) -> Path:
+    """The fine-tuning phase's recipe repeated per label fraction x seed, from its pretrained backbone and
+    from a random init; last-epoch validation metrics go to ``label_efficiency/results.csv``.
+
+    Config: ``{"fractions": [0.1, 1.0], "seeds": {"0.1": [0, 1, 2], "1.0": [0]}, "inits": ["pretrained",
+    "random"]}`` (``seeds`` may also be one list for every fraction).
+    """
+    from .report import read_curve
+
+    le = cfg["label_efficiency"]
+    seeds = le.get("seeds", [0, 1, 2])
+    base = dict(finetune["overrides"])
+    rows = []
+    for init in le.get("inits", ["pretrained", "random"]):
+        for frac in (float(f) for f in le.get("fractions", [0.1, 0.2, 1.0])):
+            for seed in (seeds.get(str(frac), seeds.get(f"{frac:g}", [0])) if isinstance(seeds, Mapping) else seeds):
+                root = run_dir / "label_efficiency" / f"{init}_f{frac:g}_s{seed}" / "finetune_classification"
+                overrides = {**base, "label_fraction": frac, "seed": seed, "manifest": str(manifest)}
+                if init == "random":
+                    overrides["pretrained_ckpt"] = None
+                elif not overrides.get("pretrained_ckpt"):
+                    raise ValueError("label_efficiency: the fine-tuning phase has no pretrained checkpoint to compare")
+                run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root, overrides, run_dir,
+                           f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force)
+                last = read_curve(root / "output" / "tensorboard").iloc[-1]
+                rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": float(last["auc_macro"]),
+                             "balanced_accuracy": float(last["balanced_accuracy"])})
+    out = run_dir / "label_efficiency" / "results.csv"
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out, index=False)
+    return out
+
+
 def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict[str, Path]:
     """Run every phase named in the config's ``phases`` (in PHASES order), handing checkpoints over."""
@@ -188,6 +223,8 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
             overrides.pop("pretrained_ckpt", None)
         overrides.update({k: _resolve(v, base) for k, v in (phase or {}).items()})
         roots[name] = run_phase(name, cfg, run, overrides, force)
+    if cfg.get("label_efficiency") and manifest is not None and "finetune" in roots:
+        run_label_efficiency(cfg, run, manifest, json.loads((run / "configs" / "finetune.json").read_text()), force)
     if cfg.get("report", True) and manifest is not None and "finetune" in roots:
         from .report import build_report
 

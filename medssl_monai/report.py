@@ -45,6 +45,25 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def read_curve(tb_dir: Path) -> pd.DataFrame:
+    """Per-epoch validation metrics of a fine-tuning run (from its TensorBoard events) with the training step.
+
+    The bundle logs the loss per iteration and the validation metrics per epoch; the step of epoch ``e`` is
+    ``e`` times the iterations per epoch (the last loss step over the last epoch).
+    """
+    s = _scalars(tb_dir)
+    if "auc_macro" not in s:
+        raise ValueError(f"{tb_dir}: no validation 'auc_macro' in the TensorBoard events")
+    epochs = [e for e, _ in s["auc_macro"]]
+    iters = max(step for step, _ in s["train_loss"]) if s.get("train_loss") else None
+    per_epoch = iters / max(epochs) if iters else float("nan")
+    df = pd.DataFrame({"epoch": epochs, "auc_macro": [v for _, v in s["auc_macro"]]})
+    if "balanced_accuracy" in s:
+        df["balanced_accuracy"] = [v for _, v in s["balanced_accuracy"]]
+    df["step"] = (df["epoch"] * per_epoch).round().astype(int)
+    return df
+
+
 def plot_curves(tb_dir: Path, out_png: Path, title: str) -> list[str]:
     """One panel per scalar tag of a phase; returns the tags plotted."""
     series = _scalars(tb_dir)
@@ -181,8 +200,19 @@ def build_report(run_dir: Path, roots: Mapping[str, Path], manifest_path: Path, 
         table.to_csv(out / "subgroups.csv", index=False)
         lines += ["## Subgroups", "", "Predictions of the fine-tuned classifier on the images the `predict` phase "
                   "scored, per subgroup (distribution shift shows up here first).", "", _md_table(table), ""]
-    lines += ["## Label efficiency", "", "One label fraction in this run; the study config under "
-              "`configs/experiments/` produces the curve.", ""]
+    le = run_dir / "label_efficiency" / "results.csv"
+    if le.is_file():
+        from .study import plot_label_efficiency, summarize, summary_markdown
+
+        summary = summarize(pd.read_csv(le))
+        plot_label_efficiency(summary, out / "label_efficiency.png", "val")
+        lines += ["## Label efficiency", "", "The fine-tuning recipe repeated per label fraction and seed, from the "
+                  "pretrained backbone and from a random init; validation metrics after the last epoch, mean ± "
+                  "standard deviation over seeds (the `labeled_<p>pct` subsets are nested).", "",
+                  summary_markdown(summary), "", "![label efficiency](label_efficiency.png)", ""]
+    else:
+        lines += ["## Label efficiency", "", "Not run: add a `label_efficiency` section to the pipeline config (or "
+                  "run the study under `configs/experiments/`) for the curve.", ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     logger.info("report written to %s", report)

@@ -162,14 +162,13 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_split: str) -> Path:
-    """``results.md`` (table with seed counts and spread) and ``label_efficiency.png``."""
+def plot_label_efficiency(summary: pd.DataFrame, png: Path, eval_split: str) -> None:
+    """Balanced accuracy and macro AUC against the % of labels, one line per arm, error bars = seed std."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    summary = summarize(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("balanced_accuracy", "auc_macro")):
         for arm, g in summary.groupby("arm", sort=False):
@@ -181,15 +180,27 @@ def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_s
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run / "label_efficiency.png", dpi=100)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The per-arm, per-fraction table: mean ± std with the seed count."""
     lines = ["| arm | labels | balanced accuracy | macro AUC | seeds |", "|---|---:|---:|---:|---:|"]
     for r in summary.itertuples(index=False):
         sd = lambda v: "" if pd.isna(v) else f" ± {v:.3f}"  # noqa: E731
         lines.append(f"| {r.arm} | {r.fraction:.0%} | {r.balanced_accuracy_mean:.3f}{sd(r.balanced_accuracy_std)} | "
                      f"{r.auc_macro_mean:.3f}{sd(r.auc_macro_std)} | {r.seeds} |")
+    return "\n".join(lines)
+
+
+def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_split: str) -> Path:
+    """``results.md`` (table with seed counts and spread) and ``label_efficiency.png``."""
+    summary = summarize(results)
+    plot_label_efficiency(summary, run / "label_efficiency.png", eval_split)
     text = (f"# Label-efficiency study\n\nWall time: {seconds / 60:.1f} min. Metrics on the `{eval_split}` split, "
-            "mean ± standard deviation over seeds.\n\n" + "\n".join(lines) + "\n\n![curve](label_efficiency.png)\n")
+            "mean ± standard deviation over seeds.\n\n" + summary_markdown(summary)
+            + "\n\n![curve](label_efficiency.png)\n")
     out = run / "results.md"
     atomic_write_text(out, text)
     return out

@@ -27,6 +27,7 @@ import torch
 
 from .data.manifest import atomic_write_text
 from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+from .report import read_curve
 from .study import _bundle_keys, _manifest
 
 __all__ = ["plan_runs", "run_transfusion", "steps_to_target", "validate_transfusion"]
@@ -138,23 +139,6 @@ def random_init_checkpoint(model: str, in_channels: int, seed: int, out: Path,
         torch.save(net.state_dict(), buf)
         atomic_write_bytes(out, buf.getvalue())
     return out
-
-
-def read_curve(tb_dir: Path) -> pd.DataFrame:
-    """Per-epoch validation metrics of a fine-tuning run (its TensorBoard events) with the training step."""
-    from .report import _scalars
-
-    s = _scalars(tb_dir)
-    if "auc_macro" not in s:
-        raise ValueError(f"{tb_dir}: no validation 'auc_macro' in the TensorBoard events")
-    epochs = [e for e, _ in s["auc_macro"]]
-    iters = max(step for step, _ in s["train_loss"]) if s.get("train_loss") else None
-    per_epoch = iters / max(epochs) if iters else float("nan")
-    df = pd.DataFrame({"epoch": epochs, "auc_macro": [v for _, v in s["auc_macro"]]})
-    if "balanced_accuracy" in s:
-        df["balanced_accuracy"] = [v for _, v in s["balanced_accuracy"]]
-    df["step"] = (df["epoch"] * per_epoch).round().astype(int)
-    return df
 
 
 def steps_to_target(curve: pd.DataFrame, target: float) -> int | None:

@@ -24,6 +24,7 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
         "phases": {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
                    "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"},
                    "predict": {"split": "test"}, "embed": {}},
+        "label_efficiency": {"fractions": [0.5, 1.0], "seeds": {"0.5": [0, 1], "1.0": [0]}},
     }
     roots = run_pipeline(cfg)
     run = tmp_path / "run"
@@ -54,8 +55,25 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     sub = pd.read_csv(run / "report" / "subgroups.csv")
     assert set(sub["subgroup"]) >= {"view_position"} and sub.groupby("subgroup")["n"].sum().max() == len(test_rows)
     assert str(manifest["patient_id"].iloc[0]) not in report or manifest["patient_id"].iloc[0].startswith("P")
+    # label efficiency: the fine-tuning recipe per fraction x seed, pretrained vs random, with seed counts
+    le = pd.read_csv(run / "label_efficiency" / "results.csv")
+    assert sorted(zip(le["arm"], le["fraction"], le["seed"])) == sorted(
+        (a, f, s) for a in ("pretrained", "random") for f, s in ((0.5, 0), (0.5, 1), (1.0, 0)))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in le.itertuples(index=False):  # each number is the run's own last validation AUC
+        acc = EventAccumulator(str(run / "label_efficiency" / f"{r.arm}_f{r.fraction:g}_s{r.seed}"
+                                   / "finetune_classification" / "output" / "tensorboard"))
+        acc.Reload()
+        assert r.auc_macro == acc.Scalars("auc_macro")[-1].value
+        cfg_used = json.loads((run / "configs" / f"le_{r.arm}_{r.fraction:g}_s{r.seed}.json").read_text())
+        ckpt = cfg_used["overrides"]["pretrained_ckpt"]
+        assert ckpt == (None if r.arm == "random" else str(roots["micle"] / "models" / "model.pt"))
+    g = le[(le.arm == "pretrained") & (le.fraction == 0.5)]
+    assert f"| pretrained | 50% | {g.balanced_accuracy.mean():.3f} ± {g.balanced_accuracy.std():.3f} |" in report
+    assert (run / "report" / "label_efficiency.png").stat().st_size > 5000
     # a second run skips every phase whose outputs exist
     capsys.readouterr()
     run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert not any(f"[{p}]" in out for p in ("micle", "finetune", "evaluate", "predict", "embed")), out
+    assert not any(f"[{p}" in out for p in ("micle", "finetune", "evaluate", "predict", "embed", "le_")), out
