@@ -22,6 +22,7 @@ import pandas as pd
 
 from .data.manifest import atomic_write_text, write_manifest
 from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+from .report import read_curve
 
 __all__ = ["ARMS", "run_study", "validate_study"]
 
@@ -69,6 +70,9 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys("micle_medical"))
         if unknown:
             problems.append(f"medical_per_arm.{arm}: keys {unknown} are not top-level keys of micle_medical")
+    if cfg.get("eval_from_validation") and cfg.get("eval_split", "val") != "val":
+        problems.append("eval_from_validation reads the fine-tune's validation pass, which scores 'val': "
+                        f"eval_split {cfg.get('eval_split')!r} needs a separate evaluation (drop the flag)")
     if check_data:
         table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
         if not table.is_file():
@@ -139,14 +143,17 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                            {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
                             "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
                            run, tag, root / "models/model.pt", force=force)
-                ev = root / "output" / f"eval_{eval_split}"
-                run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
-                           {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
-                            "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
-                           copy=False, force=force)
-                m = json.loads((ev / "metrics.json").read_text())
+                if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split
+                    m = read_curve(root / "output" / "tensorboard").iloc[-1].to_dict()
+                else:
+                    ev = root / "output" / f"eval_{eval_split}"
+                    run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
+                               {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
+                                "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
+                               copy=False, force=force)
+                    m = json.loads((ev / "metrics.json").read_text())
                 rows.append({"arm": arm, "fraction": frac, "seed": seed, "balanced_accuracy": m["balanced_accuracy"],
-                             "auc_macro": m["auc_macro"], "accuracy": m["accuracy"]})
+                             "auc_macro": m["auc_macro"], "accuracy": m.get("accuracy")})
     results = pd.DataFrame(rows)
     results.to_csv(run / "results.csv", index=False)
     write_study_summary(results, run, time.time() - t0, eval_split)

@@ -66,3 +66,11 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
     assert "| phase1_micle | 20% |" in md and "| 2 |" in md  # seed counts are reported
     assert (run / "label_efficiency.png").stat().st_size > 5000
     assert pd.read_csv(run / "results.csv").shape == (6, 6)
+    # reading the fine-tune's own last validation pass gives the separate evaluation's numbers (same model,
+    # same val images): the CPU config uses it to save one bundle run per fine-tune
+    again = run_study({**cfg, "eval_from_validation": True})
+    merged = results.merge(again, on=["arm", "fraction", "seed"], suffixes=("_eval", "_val"))
+    assert len(merged) == len(results)
+    for metric in ("balanced_accuracy", "auc_macro"):
+        assert merged[f"{metric}_val"].to_numpy() == pytest.approx(merged[f"{metric}_eval"].to_numpy(), abs=1e-6)
+    assert validate_study({**cfg, "eval_from_validation": True, "eval_split": "test"}, check_data=False)
