@@ -167,7 +167,7 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
     Config: ``{"fractions": [0.1, 1.0], "seeds": {"0.1": [0, 1, 2], "1.0": [0]}, "inits": ["pretrained",
     "random"]}`` (``seeds`` may also be one list for every fraction).
     """
-    from .report import read_curve
+    from .report import final_validation
 
     le = cfg["label_efficiency"]
     seeds = le.get("seeds", [0, 1, 2])
@@ -175,18 +175,22 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
     rows = []
     for init in le.get("inits", ["pretrained", "random"]):
         for frac in (float(f) for f in le.get("fractions", [0.1, 0.2, 1.0])):
-            for seed in (seeds.get(str(frac), seeds.get(f"{frac:g}", [0])) if isinstance(seeds, Mapping) else seeds):
+            if isinstance(seeds, Mapping):
+                by_fraction = {float(k): v for k, v in seeds.items()}
+                if frac not in by_fraction:
+                    raise ValueError(f"label_efficiency: no seeds for fraction {frac} (seeds has {sorted(by_fraction)})")
+            for seed in by_fraction[frac] if isinstance(seeds, Mapping) else seeds:
                 root = run_dir / "label_efficiency" / f"{init}_f{frac:g}_s{seed}" / "finetune_classification"
                 overrides = {**base, "label_fraction": frac, "seed": seed, "manifest": str(manifest)}
                 if init == "random":
                     overrides["pretrained_ckpt"] = None
                 elif not overrides.get("pretrained_ckpt"):
                     raise ValueError("label_efficiency: the fine-tuning phase has no pretrained checkpoint to compare")
-                run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root, overrides, run_dir,
+                run_bundle(_bundles_dir(cfg) / "finetune_classification", "train.json", root, overrides, run_dir,
                            f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force)
-                last = read_curve(root / "output" / "tensorboard").iloc[-1]
-                rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": float(last["auc_macro"]),
-                             "balanced_accuracy": float(last["balanced_accuracy"])})
+                last = final_validation(root / "output" / "tensorboard")
+                rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": last["auc_macro"],
+                             "balanced_accuracy": last.get("balanced_accuracy", float("nan"))})
     out = run_dir / "label_efficiency" / "results.csv"
     import pandas as pd
 

@@ -48,20 +48,33 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def read_curve(tb_dir: Path) -> pd.DataFrame:
     """Per-epoch validation metrics of a fine-tuning run (from its TensorBoard events) with the training step.
 
-    The bundle logs the loss per iteration and the validation metrics per epoch; the step of epoch ``e`` is
-    ``e`` times the iterations per epoch (the last loss step over the last epoch).
+    The bundle logs the loss per iteration, the learning rate at the start of every epoch and the validation
+    metrics every ``val_interval`` epochs; the step of epoch ``e`` is ``e`` times the iterations per epoch
+    (last loss step / epochs trained). Values are keyed by epoch, the last one kept (a resumed run may log an
+    epoch twice). ``df.attrs["epochs_trained"]`` says how far training went.
     """
     s = _scalars(tb_dir)
-    if "auc_macro" not in s:
-        raise ValueError(f"{tb_dir}: no validation 'auc_macro' in the TensorBoard events")
-    epochs = [e for e, _ in s["auc_macro"]]
-    iters = max(step for step, _ in s["train_loss"]) if s.get("train_loss") else None
-    per_epoch = iters / max(epochs) if iters else float("nan")
-    df = pd.DataFrame({"epoch": epochs, "auc_macro": [v for _, v in s["auc_macro"]]})
-    if "balanced_accuracy" in s:
-        df["balanced_accuracy"] = [v for _, v in s["balanced_accuracy"]]
+    if "auc_macro" not in s or not s.get("train_loss"):
+        raise ValueError(f"{tb_dir}: no validation 'auc_macro' or no 'train_loss' in the TensorBoard events")
+    trained = max(e for e, _ in s["lr"]) if s.get("lr") else max(e for e, _ in s["auc_macro"])
+    per_epoch = max(step for step, _ in s["train_loss"]) / trained
+    df = pd.DataFrame({tag: pd.Series(dict(s[tag])) for tag in ("auc_macro", "balanced_accuracy", "accuracy")
+                       if tag in s}).sort_index()
+    df = df[df["auc_macro"].notna()].rename_axis("epoch").reset_index()
     df["step"] = (df["epoch"] * per_epoch).round().astype(int)
+    df.attrs["epochs_trained"] = int(trained)
     return df
+
+
+def final_validation(tb_dir: Path) -> dict[str, float]:
+    """The validation metrics of the final model: the last epoch must have been validated (``max_epochs`` a
+    multiple of ``val_interval``), else the numbers would describe an earlier model than ``model.pt``."""
+    curve = read_curve(tb_dir)
+    last = curve.iloc[-1]
+    if int(last["epoch"]) != curve.attrs["epochs_trained"]:
+        raise ValueError(f"{tb_dir}: last validation at epoch {int(last['epoch'])} but training ran "
+                         f"{curve.attrs['epochs_trained']} epochs; make max_epochs a multiple of val_interval")
+    return {k: float(v) for k, v in last.items() if k not in ("epoch", "step")}
 
 
 def plot_curves(tb_dir: Path, out_png: Path, title: str) -> list[str]:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .data.manifest import atomic_write_text, write_manifest
 from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
-from .report import read_curve
+from .report import final_validation
 
 __all__ = ["ARMS", "run_study", "validate_study"]
 
@@ -144,7 +144,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                             "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
                            run, tag, root / "models/model.pt", force=force)
                 if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split
-                    m = read_curve(root / "output" / "tensorboard").iloc[-1].to_dict()
+                    m = final_validation(root / "output" / "tensorboard")
                 else:
                     ev = root / "output" / f"eval_{eval_split}"
                     run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,

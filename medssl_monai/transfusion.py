@@ -55,6 +55,14 @@ def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> lis
         unknown = sorted(k for k in (cfg.get(section) or {}) if k not in _bundle_keys(bundle))
         if unknown:
             problems.append(f"{section}: keys {unknown} are not top-level keys of {bundle}/configs/train.json")
+        fixed = sorted(set(cfg.get(section) or {}) & _PER_RUN_KEYS)
+        if fixed:
+            problems.append(f"{section}: {fixed} are set per run by the experiments (they would make arms equal)")
+    if int((cfg.get("finetune") or {}).get("val_interval", 1)) != 1:
+        problems.append("finetune.val_interval must be 1: steps-to-target needs a validation every epoch")
+    hybrid_ks = {int(k) for k in hybrid.get("ks", [])}
+    problems += [f"hybrid.slim: k={k} is not in hybrid.ks {sorted(hybrid_ks)}"
+                 for k in (hybrid.get("slim") or {}) if int(k) not in hybrid_ks]
     if check_data:
         base = Path(cfg.get("_base", "."))
         if not Path(_resolve(cfg.get("table", {}).get("path", ""), base)).is_file():
@@ -62,6 +70,11 @@ def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> lis
         if not Path(_resolve(cfg.get("natural_dir", ""), base)).is_dir():
             problems.append("natural_dir: folder not found")
     return problems
+
+
+#: keys the driver sets for each run; a config section must not override them
+_PER_RUN_KEYS = {"backbone", "backbone_kwargs", "pretrained_ckpt", "transfer_mode", "transfer_k", "seed", "manifest",
+                 "dataset_dir"}
 
 
 def plan_runs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -234,17 +247,24 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     results = pd.DataFrame(rows)
     results.to_csv(run / "results.csv", index=False)
 
-    sim = similarity_before_after(results, cfg, manifest, run)
+    sim = similarity_before_after(results, cfg, manifest, run, force=force)
     write_transfusion_summary(results, sim, run, time.time() - t0, cfg)
     return results
 
 
-def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manifest: Path, run: Path
-                            ) -> pd.DataFrame:
-    """Experiment 4: per-stage CKA/SVCCA before vs after fine-tuning for every ``init`` run."""
+def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manifest: Path, run: Path,
+                            force: bool = False) -> pd.DataFrame:
+    """Experiment 4: per-stage CKA/SVCCA before vs after fine-tuning for every ``init`` run.
+
+    Kept from a previous call only when it covers exactly these runs and is newer than every fine-tuned model.
+    """
     out = run / "similarity_before_after.csv"
-    if out.is_file() and len(pd.read_csv(out)["run"].unique()) == (results["experiment"] == "init").sum():
-        return pd.read_csv(out)
+    init_runs = results[results["experiment"] == "init"]
+    if out.is_file() and not force:
+        cached = pd.read_csv(out)
+        newest = max(Path(a).stat().st_mtime for a in init_runs["after"])
+        if set(cached["run"]) == set(init_runs["run"]) and out.stat().st_mtime > newest:
+            return cached
     from .bundle.data import eval_dataset, load_rows
 
     opts = cfg.get("similarity") or {}
@@ -255,7 +275,7 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
         eval_dataset(rows, int(common.get("image_size", 64)), int(common.get("in_channels", 3)), cache=True),
         batch_size=100, num_workers=0)
     parts = []
-    for r in results[results["experiment"] == "init"].itertuples(index=False):
+    for r in init_runs.itertuples(index=False):
         df = stage_moves(Path(r.before), Path(r.after), r.model, int(common.get("in_channels", 3)), loader, n,
                          mode=opts.get("mode", "positions"), max_points=int(opts.get("max_points", 512)))
         parts.append(df.assign(run=r.run, model=r.model, init=r.init, seed=r.seed))
@@ -314,11 +334,14 @@ def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Pat
     fig.savefig(run / "similarity.png", dpi=100)
     plt.close(fig)
 
+    results = results.copy()
+    for t in targets:  # not reached counts as slower than any step, so one lucky seed cannot make the median
+        results[t] = pd.to_numeric(results[t], errors="coerce").fillna(float("inf"))
     agg = {"balanced_accuracy": ["mean", "std"], "auc_macro": ["mean", "std"], "seed": "count",
            **{t: "median" for t in targets}}
     lines = [f"# Transfusion experiments\n\nWall time: {seconds / 60:.1f} min. Validation metrics after the last "
-             f"epoch (mean ± std over seeds); steps to reach a validation macro AUC (median over seeds; '-' = "
-             "not reached within the run).\n"]
+             f"epoch (mean ± std over seeds); steps to reach a validation macro AUC (median over seeds, "
+             "a seed that never reaches it counting as infinitely slow; '-' = the median run did not reach it).\n"]
     for exp in exps:
         sub = results[results["experiment"] == exp]
         g = sub.groupby(["model", "init", "k", "slim"], dropna=False, sort=False).agg(agg)
@@ -328,7 +351,7 @@ def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Pat
                   "|---|---:|---|---:|---|---:|---:|---:|" + "---:|" * len(targets)]
         for (model, init, k, slim), v in g.iterrows():
             sd = lambda x: "" if pd.isna(x) else f" ± {x:.3f}"  # noqa: E731
-            steps = " | ".join("-" if pd.isna(v[t]) else f"{v[t]:.0f}" for t in targets)
+            steps = " | ".join("-" if v[t] == float("inf") else f"{v[t]:.0f}" for t in targets)
             kk = "" if pd.isna(k) else f"{int(k)}"
             lines.append(f"| {model} | {_param_count(model, in_channels, slim) / 1e6:.2f}M | {init} | {kk} | {slim or ''} | "
                          f"{v.bal_mean:.3f}{sd(v.bal_std)} | {v.auc_mean:.3f}{sd(v.auc_std)} | {v.seeds} | {steps} |")

@@ -416,3 +416,14 @@ def test_resumed_finetune_keeps_the_best_metric(tmp_path):
     assert trainer2.state.epoch == 2
     assert evaluator2.state.best_metric == pytest.approx(best)
     assert evaluator2.state.best_metric_epoch == best_epoch
+
+    # a checkpoint written before the best metric was saved still resumes (kept as initialised, with a warning)
+    from medssl_monai.engines.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(tmp_path / "ckpt")
+    state = torch.load(path, weights_only=True)
+    del state["evaluator_best"]
+    torch.save(state, path)
+    trainer3, evaluator3 = build(3)
+    trainer3.run()
+    assert trainer3.state.epoch == 3 and evaluator3.state.best_metric_epoch == 3

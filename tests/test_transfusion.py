@@ -14,10 +14,10 @@ import torch
 from medssl_monai.bundle import classifier_def, load_pretrained
 from medssl_monai.networks import get_backbone
 from medssl_monai.pipeline import load_pipeline_config
+from medssl_monai.report import final_validation, read_curve
 from medssl_monai.transfusion import (
     plan_runs,
     random_init_checkpoint,
-    read_curve,
     run_transfusion,
     steps_to_target,
     validate_transfusion,
@@ -30,7 +30,7 @@ CONFIG = REPO / "configs" / "experiments" / "ham10000_transfusion.json"
 def test_transfusion_config_is_valid() -> None:
     from conftest import require_data
 
-    require_data("ham10000")
+    require_data("ham10000"), require_data("imagenette")
     cfg = load_pipeline_config(CONFIG, required="models")
     assert validate_transfusion(cfg) == []
     assert {"cbr_large_t", "cbr_large_w", "cbr_small", "cbr_tiny"} <= set(cfg["models"])  # the whole CBR family
@@ -40,10 +40,11 @@ def test_transfusion_config_is_valid() -> None:
 
 def test_bad_transfusion_config_is_refused() -> None:
     cfg = load_pipeline_config(CONFIG, required="models")
-    cfg.update(models=["resnet18", "vgg99"], hybrid={"model": "cbr_tiny", "ks": [1]}, mean_var=["cbr_small"],
-               targets=[], finetune={"learning_rate": 1})
+    cfg.update(models=["resnet18", "vgg99"], hybrid={"model": "cbr_tiny", "ks": [1], "slim": {"2": {}}},
+               mean_var=["cbr_small"], targets=[], finetune={"learning_rate": 1, "seed": 3, "val_interval": 2})
     problems = validate_transfusion(cfg, check_data=False)
-    for needle in ("vgg99", "hybrid.model", "cbr_small", "targets", "learning_rate"):
+    for needle in ("vgg99", "hybrid.model", "cbr_small", "targets", "learning_rate", "['seed']", "val_interval",
+                   "k=2"):
         assert any(needle in p for p in problems), (needle, problems)
 
 
@@ -64,11 +65,14 @@ def test_curve_and_steps_to_target_from_tensorboard(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     aucs = [0.61, 0.74, 0.79, 0.83, 0.81]
-    with SummaryWriter(str(tmp_path)) as w:  # what the fine-tuning bundle logs: loss per step, AUC per epoch
+    with SummaryWriter(str(tmp_path)) as w:  # what the fine-tuning bundle logs: loss per step, lr + AUC per epoch
         for step in range(1, 5 * 7 + 1):
             w.add_scalar("train_loss", 1.0 / step, step)
         for epoch, auc in enumerate(aucs, start=1):
+            w.add_scalar("lr", 0.1, epoch)
             w.add_scalar("auc_macro", auc, epoch)
+        w.add_scalar("auc_macro", 0.5, 2)  # a resumed run re-logging epoch 2 before the later epochs
+        w.add_scalar("auc_macro", aucs[1], 2)
     curve = read_curve(tmp_path)
     assert curve["step"].tolist() == [7, 14, 21, 28, 35]
     assert curve["auc_macro"].tolist() == pytest.approx(aucs)
@@ -76,6 +80,23 @@ def test_curve_and_steps_to_target_from_tensorboard(tmp_path: Path) -> None:
     for target in (0.6, 0.75, 0.8, 0.82, 0.9):
         first = next((i + 1 for i, a in enumerate(aucs) if a >= target), None)
         assert steps_to_target(curve, target) == (None if first is None else 7 * first)
+    assert final_validation(tmp_path)["auc_macro"] == pytest.approx(aucs[-1])
+
+
+def test_final_validation_refuses_an_unvalidated_last_epoch(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as w:  # max_epochs 8, val_interval 3: validated at 3 and 6 only
+        for step in range(1, 8 * 5 + 1):
+            w.add_scalar("train_loss", 1.0, step)
+        for epoch in range(1, 9):
+            w.add_scalar("lr", 0.1, epoch)
+        for epoch in (3, 6):
+            w.add_scalar("auc_macro", 0.7, epoch)
+    curve = read_curve(tmp_path)
+    assert curve["step"].tolist() == [15, 30]  # 5 iterations per epoch, not 40 / 6
+    with pytest.raises(ValueError, match="multiple of val_interval"):
+        final_validation(tmp_path)
 
 
 def test_slimmed_hybrid_gets_exactly_the_first_k_stages(tmp_path: Path) -> None:
@@ -133,8 +154,10 @@ def test_tiny_transfusion_runs(tmp_path: Path) -> None:
     for r in results.itertuples(index=False):
         curve = pd.read_csv(Path(r.after).parent.parent / "output" / "val_curve.csv")
         assert len(curve) == 2 and r.auc_macro == pytest.approx(curve["auc_macro"].iloc[-1])
-        for t in cfg["targets"]:
-            expect = steps_to_target(curve, t)
+        per_epoch = curve["step"].iloc[0] / curve["epoch"].iloc[0]
+        for t in cfg["targets"]:  # naive reference: first validated epoch at or above t, in steps
+            hits = [e for e, a in zip(curve["epoch"], curve["auc_macro"]) if a >= t]
+            expect = round(hits[0] * per_epoch) if hits else None
             got = results.loc[results.run == r.run, f"steps_to_auc_{t:g}"].iloc[0]
             assert (pd.isna(got) and expect is None) or got == expect
     slim = results[results.init == "first_k_slim"].iloc[0]

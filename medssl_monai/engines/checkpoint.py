@@ -232,7 +232,8 @@ def load_training_state(path: str | Path, objects: Mapping[str, Any]) -> dict[st
     """Load ``path`` (``weights_only=True``, on CPU) into ``objects`` (name -> object with ``load_state_dict``).
 
     ``objects`` may be a subset of what the checkpoint holds (e.g. only ``{"model": model}``); a name missing
-    from the checkpoint is an error. Returns the loaded checkpoint dict.
+    from the checkpoint is an error, unless its object says ``optional = True`` (state added in a later
+    version, such as the evaluator's best metric: older checkpoints still resume). Returns the checkpoint dict.
 
     Loading into a trainer directly (outside :class:`TrainingCheckpoint`) replaces its ``max_epochs`` with the
     checkpoint's; prefer ``TrainingCheckpoint(..., resume=True)``, which keeps the ``max_epochs`` of the run.
@@ -243,10 +244,14 @@ def load_training_state(path: str | Path, objects: Mapping[str, Any]) -> dict[st
         raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} is not a training checkpoint (a dict of state_dicts), got {type(ckpt).__name__}")
-    missing = [k for k in objects if k not in ckpt]
+    absent = [k for k in objects if k not in ckpt]
+    missing = [k for k in absent if not getattr(objects[k], "optional", False)]
     if missing:
         raise KeyError(f"{path} has no state for {missing}; it holds {sorted(ckpt)}")
-    Checkpoint.load_objects(to_load=dict(objects), checkpoint={k: ckpt[k] for k in objects})
+    for k in absent:
+        logger.warning("%s has no state for %r (an older checkpoint): kept as initialised", path, k)
+    present = {k: v for k, v in objects.items() if k in ckpt}
+    Checkpoint.load_objects(to_load=present, checkpoint={k: ckpt[k] for k in present})
     return dict(ckpt)
 
 

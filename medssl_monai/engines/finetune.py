@@ -394,8 +394,11 @@ class EvaluatorBest:
     """The evaluator's best key metric as a checkpointable object.
 
     Ignite's engine state holds only epoch/iteration; without this a resumed fine-tune would compare its
-    next validation against -1 and report a "best" that is not.
+    next validation against -1 and report a "best" that is not. Optional on load: checkpoints written before
+    it existed still resume.
     """
+
+    optional = True
 
     def __init__(self, evaluator: Any) -> None:
         self.evaluator = evaluator
