@@ -160,9 +160,10 @@ def phase_seconds(run_dir: Path, name: str) -> float | None:
 
 
 def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, finetune: Mapping[str, Any],
-                         force: bool = False) -> Path:
+                         force: bool = False, finetune_root: Path | None = None) -> Path:
     """The fine-tuning phase's recipe repeated per label fraction x seed, from its pretrained backbone and
-    from a random init; last-epoch validation metrics go to ``label_efficiency/results.csv``.
+    from a random init; last-epoch validation metrics go to ``label_efficiency/results.csv``. The point the
+    fine-tuning phase itself trained (pretrained, its fraction and seed) is read from ``finetune_root``.
 
     Config: ``{"fractions": [0.1, 1.0], "seeds": {"0.1": [0, 1, 2], "1.0": [0]}, "inits": ["pretrained",
     "random"]}`` (``seeds`` may also be one list for every fraction).
@@ -181,13 +182,18 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
                     raise ValueError(f"label_efficiency: no seeds for fraction {frac} (seeds has {sorted(by_fraction)})")
             for seed in by_fraction[frac] if isinstance(seeds, Mapping) else seeds:
                 root = run_dir / "label_efficiency" / f"{init}_f{frac:g}_s{seed}" / "finetune_classification"
+                same_as_phase = (init == "pretrained" and finetune_root is not None
+                                 and frac == float(base.get("label_fraction", 1.0)) and seed == int(base.get("seed", 0)))
+                if same_as_phase:
+                    root = finetune_root
                 overrides = {**base, "label_fraction": frac, "seed": seed, "manifest": str(manifest)}
                 if init == "random":
                     overrides["pretrained_ckpt"] = None
                 elif not overrides.get("pretrained_ckpt"):
                     raise ValueError("label_efficiency: the fine-tuning phase has no pretrained checkpoint to compare")
-                run_bundle(_bundles_dir(cfg) / "finetune_classification", "train.json", root, overrides, run_dir,
-                           f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force)
+                if not same_as_phase:
+                    run_bundle(_bundles_dir(cfg) / "finetune_classification", "train.json", root, overrides, run_dir,
+                               f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force)
                 last = final_validation(root / "output" / "tensorboard")
                 rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": last["auc_macro"],
                              "balanced_accuracy": last.get("balanced_accuracy", float("nan"))})
@@ -228,7 +234,8 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
         overrides.update({k: _resolve(v, base) for k, v in (phase or {}).items()})
         roots[name] = run_phase(name, cfg, run, overrides, force)
     if cfg.get("label_efficiency") and manifest is not None and "finetune" in roots:
-        run_label_efficiency(cfg, run, manifest, json.loads((run / "configs" / "finetune.json").read_text()), force)
+        run_label_efficiency(cfg, run, manifest, json.loads((run / "configs" / "finetune.json").read_text()), force,
+                             finetune_root=roots["finetune"])
     if cfg.get("report", True) and manifest is not None and "finetune" in roots:
         from .report import build_report
 

@@ -62,10 +62,14 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for r in le.itertuples(index=False):  # each number is the run's own last validation AUC
-        acc = EventAccumulator(str(run / "label_efficiency" / f"{r.arm}_f{r.fraction:g}_s{r.seed}"
-                                   / "finetune_classification" / "output" / "tensorboard"))
+        root = (roots["finetune"] if (r.arm, r.fraction, r.seed) == ("pretrained", 1.0, 0) else
+                run / "label_efficiency" / f"{r.arm}_f{r.fraction:g}_s{r.seed}" / "finetune_classification")
+        acc = EventAccumulator(str(root / "output" / "tensorboard"))
         acc.Reload()
         assert r.auc_macro == acc.Scalars("auc_macro")[-1].value
+        if (r.arm, r.fraction, r.seed) == ("pretrained", 1.0, 0):  # the fine-tuning phase itself: not re-run
+            assert not (run / "configs" / "le_pretrained_1_s0.json").exists()
+            continue
         cfg_used = json.loads((run / "configs" / f"le_{r.arm}_{r.fraction:g}_s{r.seed}.json").read_text())
         ckpt = cfg_used["overrides"]["pretrained_ckpt"]
         assert ckpt == (None if r.arm == "random" else str(roots["micle"] / "models" / "model.pt"))
