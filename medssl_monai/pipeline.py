@@ -159,6 +159,12 @@ def phase_seconds(run_dir: Path, name: str) -> float | None:
     return (datetime.strptime(stamps[-1], fmt) - datetime.strptime(stamps[0], fmt)).total_seconds()
 
 
+def bundle_minutes(run_dir: Path) -> float:
+    """Minutes spent in the bundle runs of a run folder, summed from their logs: unlike the wall time of one
+    invocation, it survives resuming (a run resumed after a kill counts from its resume)."""
+    return sum(phase_seconds(run_dir, log.stem) or 0.0 for log in (run_dir / "logs").glob("*.log")) / 60
+
+
 def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, finetune: Mapping[str, Any],
                          force: bool = False, finetune_root: Path | None = None) -> Path:
     """The fine-tuning phase's recipe repeated per label fraction x seed, from its pretrained backbone and

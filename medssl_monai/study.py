@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from .data.manifest import atomic_write_text, write_manifest
-from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, load_pipeline_config, run_bundle
 from .report import final_validation
 
 __all__ = ["ARMS", "run_study", "validate_study"]
@@ -205,7 +205,8 @@ def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_s
     """``results.md`` (table with seed counts and spread) and ``label_efficiency.png``."""
     summary = summarize(results)
     plot_label_efficiency(summary, run / "label_efficiency.png", eval_split)
-    text = (f"# Label-efficiency study\n\nWall time: {seconds / 60:.1f} min. Metrics on the `{eval_split}` split, "
+    text = (f"# Label-efficiency study\n\nWall time of the last invocation: {seconds / 60:.1f} min; bundle runs: "
+            f"{bundle_minutes(run):.1f} min in total (from their logs). Metrics on the `{eval_split}` split, "
             "mean ± standard deviation over seeds.\n\n" + summary_markdown(summary)
             + "\n\n![curve](label_efficiency.png)\n")
     out = run / "results.md"

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from .data.manifest import atomic_write_text
-from .pipeline import REPO_BUNDLES, _resolve, load_pipeline_config, run_bundle
+from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, load_pipeline_config, run_bundle
 from .report import read_curve
 from .study import _bundle_keys, _manifest
 
@@ -339,7 +339,8 @@ def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Pat
         results[t] = pd.to_numeric(results[t], errors="coerce").fillna(float("inf"))
     agg = {"balanced_accuracy": ["mean", "std"], "auc_macro": ["mean", "std"], "seed": "count",
            **{t: "median" for t in targets}}
-    lines = [f"# Transfusion experiments\n\nWall time: {seconds / 60:.1f} min. Validation metrics after the last "
+    lines = [f"# Transfusion experiments\n\nWall time of the last invocation: {seconds / 60:.1f} min; bundle runs: "
+             f"{bundle_minutes(run):.1f} min in total (from their logs). Validation metrics after the last "
              f"epoch (mean ± std over seeds); steps to reach a validation macro AUC (median over seeds, "
              "a seed that never reaches it counting as infinitely slow; '-' = the median run did not reach it).\n"]
     for exp in exps:
@@ -354,7 +355,7 @@ def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Pat
             steps = " | ".join("-" if v[t] == float("inf") else f"{v[t]:.0f}" for t in targets)
             kk = "" if pd.isna(k) else f"{int(k)}"
             lines.append(f"| {model} | {_param_count(model, in_channels, slim) / 1e6:.2f}M | {init} | {kk} | {slim or ''} | "
-                         f"{v.bal_mean:.3f}{sd(v.bal_std)} | {v.auc_mean:.3f}{sd(v.auc_std)} | {v.seeds} | {steps} |")
+                         f"{v.bal_mean:.3f}{sd(v.bal_std)} | {v.auc_mean:.3f}{sd(v.auc_std)} | {int(v.seeds)} | {steps} |")
     mean["stage_no"] = mean.groupby(["model", "init", "method"], sort=False).cumcount() + 1
     mean["cell"] = mean["stage"] + " " + mean["similarity"].map("{:.3f}".format)
     lines.append("\n## similarity before vs after fine-tuning (per stage from the input up, mean over seeds)\n")
