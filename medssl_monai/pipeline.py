@@ -204,6 +204,7 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
                 rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": last["auc_macro"],
                              "balanced_accuracy": last.get("balanced_accuracy", float("nan"))})
     out = run_dir / "label_efficiency" / "results.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)  # absent when the only point is the phase's own
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out, index=False)
