@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,18 +99,26 @@ def _manifest(cfg: Mapping[str, Any], run: Path) -> Path:
     return out
 
 
+def prepare_experiment(config: str | Path | Mapping[str, Any], name: str, required: str,
+                       validate: Callable[[Mapping[str, Any]], list[str]], run_dir: str | Path | None = None
+                       ) -> tuple[dict[str, Any], Path, Path]:
+    """What the study and transfusion drivers share: the config (read, validated), the run folder and the
+    manifest built from the config's ``table`` inside it."""
+    cfg = load_pipeline_config(config, required=required) if not isinstance(config, Mapping) else dict(config)
+    problems = validate(cfg)
+    if problems:
+        raise ValueError(f"{name} config problems:\n- " + "\n- ".join(problems))
+    run = Path(run_dir or _resolve(cfg.get("run_dir", f"runs/{name}"), Path(cfg["_base"])))
+    run.mkdir(parents=True, exist_ok=True)
+    return cfg, run, _manifest(cfg, run)
+
+
 def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
               force: bool = False) -> pd.DataFrame:
     """Run (or resume: finished runs are skipped) the whole study; returns the per-run results table."""
-    cfg = load_pipeline_config(config, required="arms") if not isinstance(config, Mapping) else dict(config)
-    problems = validate_study(cfg)
-    if problems:
-        raise ValueError("study config problems:\n- " + "\n- ".join(problems))
+    cfg, run, manifest = prepare_experiment(config, "study", "arms", validate_study, run_dir)
     base = Path(cfg["_base"])
-    run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/study"), base))
-    run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    manifest = _manifest(cfg, run)
     common = dict(cfg.get("common") or {})
     models: dict[str, str | None] = {"random": None}
     arms = list(cfg["arms"])

@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from .data.manifest import atomic_write_text
-from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, load_pipeline_config, run_bundle
+from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, run_bundle
 from .report import read_curve
-from .study import _bundle_keys, _manifest
+from .study import _bundle_keys, prepare_experiment
 
 __all__ = ["plan_runs", "run_transfusion", "steps_to_target", "validate_transfusion"]
 
@@ -188,15 +188,9 @@ def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader,
 def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
                     force: bool = False) -> pd.DataFrame:
     """Run (or resume: finished runs are skipped) the four experiments; returns the per-run table."""
-    cfg = load_pipeline_config(config, required="models") if not isinstance(config, Mapping) else dict(config)
-    problems = validate_transfusion(cfg)
-    if problems:
-        raise ValueError("transfusion config problems:\n- " + "\n- ".join(problems))
+    cfg, run, manifest = prepare_experiment(config, "transfusion", "models", validate_transfusion, run_dir)
     base = Path(cfg["_base"])
-    run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/transfusion"), base))
-    run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    manifest = _manifest(cfg, run)
     common = dict(cfg.get("common") or {})
     in_channels = int(common.get("in_channels", 3))
     natural = Path(_resolve(cfg["natural_dir"], base))
