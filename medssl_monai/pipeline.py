@@ -43,14 +43,53 @@ _DONE = {"evaluate": "output/evaluate_done.json", "predict": "output/predictions
 def load_pipeline_config(path: str | os.PathLike, required: str = "phases") -> dict[str, Any]:
     """Read a pipeline (or study: ``required="arms"``) config, JSON or YAML; ``@`` paths in it are relative
     to the config file."""
-    path = Path(path)
+    cfg = _read_config(Path(path), ())
+    if required not in cfg:
+        raise ValueError(f"{path}: this config needs a {required!r} entry")
+    return cfg
+
+
+def _read_config(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """One config file, with ``extends`` (a parent config, ``@``-relative) merged under it.
+
+    A variant of an experiment then names only what it changes: sections (mappings) merge key by key,
+    anything else (lists included) replaces. The parent's ``@`` paths are resolved against the parent's
+    folder before the merge, so each file's relative paths keep meaning what they meant in that file.
+    """
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen))})")
     text = path.read_text()
     cfg = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-    if not isinstance(cfg, Mapping) or required not in cfg:
-        raise ValueError(f"{path}: this config needs a {required!r} entry")
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{path}: a config must be a mapping, got {type(cfg).__name__}")
     cfg = dict(cfg)
-    cfg["_base"] = str(path.resolve().parent)
+    parent = cfg.pop("extends", None)
+    if parent is not None:
+        parent_path = Path(_resolve(parent if str(parent).startswith("@") else f"@{parent}", path.parent))
+        if not parent_path.is_file():
+            raise ValueError(f"{path}: 'extends' names {parent_path}, which does not exist")
+        base = _read_config(parent_path, (*seen, path))
+        base.pop("_comment", None)
+        base_dir = Path(base.pop("_base"))
+        cfg = _merge(_resolve_tree(base, base_dir), cfg)
+    cfg["_base"] = str(path.parent)
     return cfg
+
+
+def _resolve_tree(value: Any, base: Path) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _resolve_tree(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_tree(v, base) for v in value]
+    return _resolve(value, base)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def _resolve(value: Any, base: Path) -> Any:

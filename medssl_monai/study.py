@@ -7,6 +7,12 @@ label fractions (the manifest's nested ``labeled_<p>pct`` subsets) with several 
 validation split; the results table, the curve and the wall time go to the run folder.
 
     medssl study configs/experiments/ham10000_label_efficiency.json [--validate-only]
+
+Beside the bundle sections, a study config may hold ``pretrained`` (``{"phase1" | arm: checkpoint}``: use
+that model instead of training it, e.g. an imported ImageNet checkpoint for phase 1, or another run's),
+``fractions_per_arm`` (``{arm: [fractions]}`` in place of ``fractions`` for that arm), ``parallel_finetunes``
+(how many fine-tuning runs at once: on a GPU one small run leaves it mostly idle) and ``extends`` (a parent
+config this one changes): the variants under ``configs/experiments/variants/`` are written so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +55,11 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
     arms = cfg.get("arms", [])
     problems += [f"unknown arm {a!r} (known: {sorted(ARMS)})" for a in arms if a not in ARMS]
     fractions = [float(f) for f in cfg.get("fractions", [])]
+    fractions += [float(f) for fr in (cfg.get("fractions_per_arm") or {}).values() for f in fr]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         problems.append(f"fractions must be in (0, 1]: {fractions}")
     seeds = {float(k): v for k, v in (cfg.get("seeds") or {}).items()}
-    for f in fractions:
+    for f in sorted(set(fractions)):
         if f not in seeds or not seeds[f]:
             problems.append(f"no seeds for fraction {f}")
         elif f < 1 and len(seeds[f]) < int(cfg.get("min_seeds", 3)):
@@ -70,6 +78,17 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys("micle_medical"))
         if unknown:
             problems.append(f"medical_per_arm.{arm}: keys {unknown} are not top-level keys of micle_medical")
+    for name, ckpt in (cfg.get("pretrained") or {}).items():
+        if name != "phase1" and ARMS.get(name, (False, None))[1] is None:
+            problems.append(f"pretrained: {name!r} is neither 'phase1' nor an arm with medical pretraining")
+        elif check_data and not Path(_resolve(ckpt, base)).is_file():
+            problems.append(f"pretrained.{name}: checkpoint {_resolve(ckpt, base)} not found")
+    for arm in cfg.get("fractions_per_arm") or {}:
+        if arm not in arms:
+            problems.append(f"fractions_per_arm: {arm!r} is not one of the study's arms {arms}")
+    par = cfg.get("parallel_finetunes", 1)
+    if not isinstance(par, int) or isinstance(par, bool) or par < 1:
+        problems.append(f"parallel_finetunes must be a whole number >= 1, got {par!r}")
     if cfg.get("eval_from_validation") and cfg.get("eval_split", "val") != "val":
         problems.append("eval_from_validation reads the fine-tune's validation pass, which scores 'val': "
                         f"eval_split {cfg.get('eval_split')!r} needs a separate evaluation (drop the flag)")
@@ -77,7 +96,7 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
         if not table.is_file():
             problems.append(f"table {table} not found")
-        if any(ARMS[a][0] for a in arms if a in ARMS):
+        if any(ARMS[a][0] for a in arms if a in ARMS) and "phase1" not in (cfg.get("pretrained") or {}):
             natural = Path(_resolve(cfg.get("natural_dir", ""), base))
             if not natural.is_dir():
                 problems.append(f"natural_dir {natural} not found")
@@ -122,7 +141,10 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     common = dict(cfg.get("common") or {})
     models: dict[str, str | None] = {"random": None}
     arms = list(cfg["arms"])
-    if any(ARMS[a][0] for a in arms):
+    given = {k: _resolve(v, base) for k, v in (cfg.get("pretrained") or {}).items()}
+    if "phase1" in given:  # e.g. an imported ImageNet checkpoint, or another run's phase 1
+        models["phase1"] = given["phase1"]
+    elif any(ARMS[a][0] for a in arms):
         root = run / "pretrain" / "phase1" / "simclr_natural"
         run_bundle(REPO_BUNDLES / "simclr_natural", "train.json", root,
                    {**common, "dataset_dir": _resolve(cfg["natural_dir"], base), "knn_interval": 0,
@@ -132,6 +154,9 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         pairing = ARMS[arm][1]
         if pairing is None:
             continue
+        if arm in given:
+            models[arm] = given[arm]
+            continue
         root = run / "pretrain" / arm / "micle_medical"
         run_bundle(REPO_BUNDLES / "micle_medical", "train.json", root,
                    {**common, "manifest": str(manifest), "pairing": pairing, "patient_aware": pairing == "micle",
@@ -139,29 +164,36 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                     **((cfg.get("medical_per_arm") or {}).get(arm) or {})},
                    run, f"pretrain_{arm}", root / "models/model.pt", force=force)
         models[arm] = str(root / "models" / "model.pt")
-    rows = []
     seeds = {float(k): v for k, v in cfg["seeds"].items()}
     eval_split = cfg.get("eval_split", "val")
-    for arm in arms:
-        for frac in (float(f) for f in cfg["fractions"]):
-            for seed in seeds[frac]:
-                tag = f"ft_{arm}_{frac:g}_s{seed}"
-                root = run / "finetune" / arm / f"f{frac:g}_s{seed}" / "finetune_classification"
-                run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
-                           {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
-                            "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
-                           run, tag, root / "models/model.pt", force=force)
-                if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split
-                    m = final_validation(root / "output" / "tensorboard")
-                else:
-                    ev = root / "output" / f"eval_{eval_split}"
-                    run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
-                               {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
-                                "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
-                               copy=False, force=force)
-                    m = json.loads((ev / "metrics.json").read_text())
-                rows.append({"arm": arm, "fraction": frac, "seed": seed, "balanced_accuracy": m["balanced_accuracy"],
-                             "auc_macro": m["auc_macro"], "accuracy": m.get("accuracy")})
+    per_arm = cfg.get("fractions_per_arm") or {}
+    points = [(arm, frac, seed) for arm in arms for frac in (float(f) for f in per_arm.get(arm, cfg["fractions"]))
+              for seed in seeds[frac]]
+
+    def finetune(point: tuple[str, float, int]) -> Path:
+        arm, frac, seed = point
+        root = run / "finetune" / arm / f"f{frac:g}_s{seed}" / "finetune_classification"
+        return run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
+                          {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
+                           "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
+                          run, f"ft_{arm}_{frac:g}_s{seed}", root / "models/model.pt", force=force)
+
+    # fine-tunes are independent small jobs: on a GPU several at once keep it busy (each is its own process)
+    with ThreadPoolExecutor(max_workers=int(cfg.get("parallel_finetunes", 1))) as pool:
+        roots = list(pool.map(finetune, points))
+    rows = []
+    for (arm, frac, seed), root in zip(points, roots):
+        if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split
+            m = final_validation(root / "output" / "tensorboard")
+        else:
+            ev = root / "output" / f"eval_{eval_split}"
+            run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
+                       {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
+                        "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
+                       copy=False, force=force)
+            m = json.loads((ev / "metrics.json").read_text())
+        rows.append({"arm": arm, "fraction": frac, "seed": seed, "balanced_accuracy": m["balanced_accuracy"],
+                     "auc_macro": m["auc_macro"], "accuracy": m.get("accuracy")})
     results = pd.DataFrame(rows)
     results.to_csv(run / "results.csv", index=False)
     write_study_summary(results, run, time.time() - t0, eval_split)

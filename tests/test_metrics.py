@@ -237,3 +237,15 @@ def test_confusion_matrix_writer(tmp_path, multiclass_data):
     engine.run(batches[:1])
     df2 = pd.read_csv(tmp_path / "out" / "confusion_matrix.csv", index_col=0)
     assert df2.to_numpy().sum() == len(batches[0][1])
+
+
+def test_labels_follow_the_preds_device() -> None:
+    """On a GPU the evaluator's preds sit on the GPU while decollated labels may be on the CPU; Ignite's
+    Accuracy compares them elementwise, so the labels are moved to the preds' device (a 'meta' device stands
+    in for the GPU here)."""
+    from medssl_monai.engines.metrics import _normalised
+
+    for multi_label, label in ((False, torch.tensor([0, 1, 2])), (True, torch.eye(3)[:, :2].T.reshape(3, 2))):
+        pred, y = _normalised(lambda out: out, multi_label)((torch.zeros(3, 2 if multi_label else 4,
+                                                                         device="meta"), label))
+        assert pred.device == y.device == torch.device("meta")

@@ -81,3 +81,31 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     run_pipeline(cfg)
     out = capsys.readouterr().out
     assert not any(f"[{p}" in out for p in ("micle", "finetune", "evaluate", "predict", "embed", "le_")), out
+
+
+def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> None:
+    """A variant config names only what it changes; '@' paths keep meaning what they meant in their file."""
+    import pytest
+
+    from medssl_monai.pipeline import load_pipeline_config
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "base" / "study.json").write_text(json.dumps({
+        "arms": ["random"], "table": {"path": "@data/meta.csv", "label_col": "dx"},
+        "finetune": {"max_epochs": 4, "lr": 0.05}, "fractions": [0.1, 1.0], "_comment": "the parent"}))
+    (tmp_path / "var" / "v.json").write_text(json.dumps({
+        "extends": "@../base/study.json", "finetune": {"max_epochs": 10}, "fractions": [0.2],
+        "run_dir": "@runs/v"}))
+    cfg = load_pipeline_config(tmp_path / "var" / "v.json", required="arms")
+    assert cfg["finetune"] == {"max_epochs": 10, "lr": 0.05}  # sections merge key by key
+    assert cfg["fractions"] == [0.2]  # lists replace
+    assert cfg["table"] == {"path": str(tmp_path / "base" / "data" / "meta.csv"), "label_col": "dx"}
+    assert cfg["run_dir"] == "@runs/v" and cfg["_base"] == str(tmp_path / "var")  # the child's own stay relative
+    assert "_comment" not in cfg and "extends" not in cfg
+    (tmp_path / "base" / "study.json").write_text(json.dumps({"extends": "@../var/v.json", "arms": []}))
+    with pytest.raises(ValueError, match="loops back"):
+        load_pipeline_config(tmp_path / "var" / "v.json", required="arms")
+    (tmp_path / "var" / "w.json").write_text(json.dumps({"extends": "nowhere.json", "arms": []}))
+    with pytest.raises(ValueError, match=r"nowhere\.json, which does not exist"):
+        load_pipeline_config(tmp_path / "var" / "w.json", required="arms")

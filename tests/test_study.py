@@ -12,7 +12,8 @@ from medssl_monai.pipeline import load_pipeline_config
 from medssl_monai.study import run_study, validate_study
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs" / "experiments").glob("*label_efficiency*.json"))
+CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*label_efficiency*.json") if "h100" not in p.name)
+VARIANTS = sorted((REPO / "configs" / "experiments" / "variants").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -24,6 +25,30 @@ def test_study_configs_are_valid(path: Path) -> None:
     assert validate_study(cfg) == []
     assert set(cfg["arms"]) == {"random", "phase1", "phase1_simclr", "phase1_micle"}  # the four arms of issue 5
     assert {0.1, 0.2, 1.0} <= {float(f) for f in cfg["fractions"]}
+
+
+def test_h100_config_is_the_gpu_study_cut_to_a_lease() -> None:
+    """The config run on the lent H100 reads the packed data copy (absent here: checked without data)."""
+    cfg = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_h100.json", required="arms")
+    assert validate_study(cfg, check_data=False) == []
+    gpu = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_gpu.json", required="arms")
+    assert cfg["common"]["backbone"] == gpu["common"]["backbone"] and cfg["arms"] == gpu["arms"]
+    assert cfg["table"]["path"].endswith(".gpu_data/ham10000/metadata.csv")
+    assert cfg["table"]["group_col"] == "lesion_id"  # inherited from the GPU config by ``extends``
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
+def test_variant_configs_change_one_thing(path: Path) -> None:
+    """Each issue-5 variant validates and reuses a pretrained model of the run it varies (so only the named
+    change differs); the checkpoints are run outputs, so the data check is off."""
+    cfg = load_pipeline_config(path, required="arms")
+    assert validate_study(cfg, check_data=False) == []
+    assert cfg["pretrained"] and cfg["run_dir"] != "@../../runs/ham10000_label_efficiency"
+    assert "Issue 5 variant" in cfg["_comment"]  # each says what it changes
+    base = Path(cfg["_base"])
+    for ckpt in cfg["pretrained"].values():
+        p = Path(ckpt[1:]) if ckpt.startswith("@") else Path(ckpt)
+        assert (base / p).resolve().parts[-6] in ("ham10000_label_efficiency", "ham10000_label_efficiency_h100")
 
 
 def test_bad_study_config_is_refused(tmp_path: Path) -> None:
@@ -74,3 +99,28 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
     for metric in ("balanced_accuracy", "auc_macro"):
         assert merged[f"{metric}_val"].to_numpy() == pytest.approx(merged[f"{metric}_eval"].to_numpy(), abs=1e-6)
     assert validate_study({**cfg, "eval_from_validation": True, "eval_split": "test"}, check_data=False)
+    # another run reusing this one's pretrained models (nothing is pretrained again), two fine-tunes at a time,
+    # random init only at 100%: the same seeds give the same numbers as the sequential first run
+    models = {"phase1": str(run / "pretrain/phase1/simclr_natural/models/model.pt"),
+              "phase1_micle": str(run / "pretrain/phase1_micle/micle_medical/models/model.pt")}
+    reuse = run_study({**cfg, "run_dir": "@reuse", "pretrained": models, "parallel_finetunes": 2,
+                       "fractions_per_arm": {"random": [1.0]}, "natural_dir": "/nonexistent"})
+    assert not (tmp_path / "reuse" / "pretrain").exists()
+    assert sorted(map(tuple, reuse[["arm", "fraction", "seed"]].to_numpy().tolist())) == sorted(
+        [("phase1_micle", 0.2, 0), ("phase1_micle", 0.2, 1), ("phase1_micle", 1.0, 0), ("random", 1.0, 0)])
+    same = reuse.merge(again, on=["arm", "fraction", "seed"], suffixes=("_reuse", "_first"))
+    assert len(same) == 4
+    for metric in ("balanced_accuracy", "auc_macro"):
+        assert same[f"{metric}_reuse"].to_numpy() == pytest.approx(same[f"{metric}_first"].to_numpy(), abs=1e-6)
+
+
+def test_study_config_keys_are_checked(tmp_path: Path) -> None:
+    cfg = load_pipeline_config(CONFIGS[0], required="arms")
+    problems = validate_study({**cfg, "pretrained": {"phase1_micle": str(tmp_path / "missing.pt"), "random": "x"},
+                               "fractions_per_arm": {"phase1": [0.5], "unknown_arm": [1.0]},
+                               "parallel_finetunes": 0}, check_data=True)
+    assert any("missing.pt" in p and "not found" in p for p in problems)
+    assert any("'random' is neither" in p for p in problems)
+    assert any("no seeds for fraction 0.5" in p for p in problems)
+    assert any("unknown_arm" in p for p in problems)
+    assert any("parallel_finetunes" in p for p in problems)

@@ -204,7 +204,8 @@ def _normalised(
     def fn(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         pred, label = transform(output)
         pred = torch.as_tensor(pred).as_subclass(torch.Tensor).float()
-        label = torch.as_tensor(label).as_subclass(torch.Tensor)
+        # on the same device as pred: a GPU evaluator's preds sit on the GPU, decollated labels may not
+        label = torch.as_tensor(label, device=pred.device).as_subclass(torch.Tensor)
         label = label.reshape(pred.shape).float() if multi_label else label.reshape(-1).long()
         return pred, label
 

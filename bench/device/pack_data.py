@@ -1,0 +1,54 @@
+"""Pack a compact copy of HAM10000 and imagenette's train half for a run on the lent GPU machine.
+
+The device tool sends at most 64 MiB (repository included) and cannot see ``../shared``; the GPU study
+reads this copy instead: HAM10000 re-encoded at its own 200x150 size (JPEG quality ``--ham-quality``) and
+imagenette's train images at ``--natural-size`` px. Only the encoding changes: same files, same
+metadata (paths rewritten to the new files), same splits.
+
+    python bench/device/pack_data.py ../shared/data .gpu_data
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+
+def _save(src: Path, dst: Path, size: tuple[int, int] | None, quality: int) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != size:
+            im = im.resize(size, Image.BICUBIC)
+        im.save(dst, quality=quality)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shared", type=Path, help="the shared data folder (holds ham10000/ and imagenette/)")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ham-quality", type=int, default=80)
+    ap.add_argument("--natural-size", type=int, default=128)
+    ap.add_argument("--natural-quality", type=int, default=85)
+    a = ap.parse_args()
+    meta = pd.read_csv(a.shared / "ham10000" / "metadata.csv")
+    for p in meta["path"]:
+        out = a.out / "ham10000" / p
+        if not out.is_file():
+            _save(a.shared / "ham10000" / p, out, None, a.ham_quality)
+    meta.to_csv(a.out / "ham10000" / "metadata.csv", index=False)
+    n = 0
+    for src in sorted((a.shared / "imagenette" / "train").rglob("*.JPEG")):
+        out = a.out / "imagenette" / src.relative_to(a.shared / "imagenette")
+        if not out.is_file():
+            _save(src, out, (a.natural_size, a.natural_size), a.natural_quality)
+        n += 1
+    size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / 2**20
+    print(f"{len(meta)} HAM10000 images, {n} imagenette train images -> {a.out} ({size:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
