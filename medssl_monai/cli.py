@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -163,6 +164,19 @@ def cmd_transfusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_arg(text: str | None, flag: str) -> dict:
+    """A JSON object given on the command line (e.g. a slimmed net's ``{"block_inplanes": [...]}``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag}: not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag}: expected a JSON object, got {text!r}")
+    return value
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
     import torch
 
@@ -175,8 +189,11 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(eval_dataset(rows, args.image_size, args.in_channels),
                                          batch_size=64, num_workers=args.num_workers)
     models = []
-    for ckpt, name in ((args.ckpt_a, args.backbone_a), (args.ckpt_b, args.backbone_b or args.backbone_a)):
-        net = get_backbone(name, in_channels=args.in_channels)
+    kw_a = _json_arg(args.backbone_kwargs_a, "--backbone-kwargs-a")
+    kw_b = _json_arg(args.backbone_kwargs_b, "--backbone-kwargs-b") if args.backbone_kwargs_b is not None else (
+        kw_a if args.backbone_b is None else {})
+    for ckpt, name, kw in ((args.ckpt_a, args.backbone_a, kw_a), (args.ckpt_b, args.backbone_b or args.backbone_a, kw_b)):
+        net = get_backbone(name, in_channels=args.in_channels, **kw)
         report = load_backbone_weights(net, ckpt, strict=True)
         logger.info("%s -> %s: %s", ckpt, name, report.summary())
         models.append(net.eval())
@@ -255,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.add_argument("--backbone-a", default="resnet18")
     s.add_argument("--backbone-b", default=None, help="default: --backbone-a")
+    s.add_argument("--backbone-kwargs-a", default=None,
+                   help='JSON for the backbone factory, e.g. a slimmed net: \'{"block_inplanes": [64, 64, 128, 256]}\'')
+    s.add_argument("--backbone-kwargs-b", default=None,
+                   help="default: --backbone-kwargs-a when both models are the same backbone, else none")
     s.add_argument("--method", default="cka", choices=["cka", "svcca"])
     s.add_argument("--mode", default="pool", choices=["pool", "positions"], help="conv maps: pooled or per position")
     s.add_argument("--split", default=None)

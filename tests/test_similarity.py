@@ -246,3 +246,38 @@ def test_similarity_cli_on_real_images(tmp_path) -> None:
     assert all(abs(same.iloc[i, i] - 1) < 1e-6 for i in range(4))
     assert all(diff.iloc[i, i] < 0.999 for i in range(4))
     assert (tmp_path / "self.png").stat().st_size > 5000
+
+
+def test_similarity_cli_slimmed_net(tmp_path) -> None:
+    """A slimmed hybrid (narrower upper stages) is compared with its full-width parent when the factory
+    arguments are given; without them its checkpoint does not fit the default net and the CLI says so."""
+    import pandas as pd
+    import pytest
+    import torch
+    from conftest import require_data
+
+    from medssl_monai.cli import main
+    from medssl_monai.data import table_to_manifest, write_manifest
+    from medssl_monai.networks import get_backbone
+
+    ham = require_data("ham10000")
+    m = table_to_manifest(ham / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
+    write_manifest(m[m["mini"]], tmp_path / "mini.csv")
+    slim = '{"block_inplanes": [64, 64, 128, 256]}'
+    torch.manual_seed(0)
+    torch.save(get_backbone("resnet18", block_inplanes=[64, 64, 128, 256]).state_dict(), tmp_path / "slim.pt")
+    torch.save(get_backbone("resnet18").state_dict(), tmp_path / "full.pt")
+    common = ["--manifest", str(tmp_path / "mini.csv"), "--image-size", "32", "--limit", "64"]
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "full.pt"), *common, "--out", str(tmp_path / "x")])
+    assert main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "slim.pt"), *common,
+                 "--backbone-kwargs-a", slim, "--out", str(tmp_path / "self")]) == 0
+    assert main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "full.pt"), *common,
+                 "--backbone-kwargs-a", slim, "--backbone-b", "resnet18", "--out", str(tmp_path / "vs")]) == 0
+    same = pd.read_csv(tmp_path / "self.csv", index_col=0)
+    vs = pd.read_csv(tmp_path / "vs.csv", index_col=0)
+    assert all(abs(same.iloc[i, i] - 1) < 1e-6 for i in range(len(same)))
+    assert vs.shape == same.shape == (5, 5) and vs.iloc[-1, -1] < 0.999  # different nets, different top stage
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "slim.pt"), *common,
+              "--backbone-kwargs-a", "{block_inplanes: 1}"])
