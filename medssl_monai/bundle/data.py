@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from monai.data import Dataset
 from monai.data.utils import worker_init_fn
-from monai.transforms import Compose, Resized, ToTensord
+from monai.transforms import Compose, CopyItemsd, DeleteItemsd, Resized, ToTensord
 
 from ..data import ContrastivePairDataset, LoadManifestImaged, MultiInstanceIndex, read_manifest
 from ..transforms import ContrastiveViewsd, EnsureFloatImaged
@@ -111,14 +111,36 @@ def contrastive_dataset(
     channels: int = 3,
     preset_overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    views_on: str = "cpu",
+    source_size: int | Sequence[int] | None = None,
 ) -> ContrastivePairDataset:
-    """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``."""
-    transform = Compose([
-        LoadManifestImaged(keys=("image_1", "image_2"), channels=channels),
-        ContrastiveViewsd(keys=("image_1", "image_2"), transform=preset, spatial_size=(image_size, image_size),
-                          preset_overrides=preset_overrides),
-        ToTensord(keys=("view_1", "view_2"), track_meta=False),  # plain tensors: cheaper to collate
-    ])
+    """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``.
+
+    ``views_on="device"``: the items are the two source images resized to ``source_size`` (``(H, W)`` or
+    a side; default twice ``image_size``), not augmented; ``BatchViews`` makes the views on the
+    accelerator (``batch_views_for``), where per-item CPU work would starve it.
+    """
+    keys = ("image_1", "image_2")
+    if views_on == "device":
+        size = (2 * image_size,) * 2 if source_size is None else source_size
+        size = (int(size),) * 2 if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+        transform = Compose([
+            LoadManifestImaged(keys=keys, channels=channels),
+            EnsureFloatImaged(keys=keys, num_channels=channels),
+            Resized(keys=keys, spatial_size=size, mode="area"),  # area: alias-free downscale
+            CopyItemsd(keys=keys, names=["view_1", "view_2"]),
+            DeleteItemsd(keys=keys),
+            ToTensord(keys=("view_1", "view_2"), track_meta=False),
+        ])
+    elif views_on == "cpu":
+        transform = Compose([
+            LoadManifestImaged(keys=keys, channels=channels),
+            ContrastiveViewsd(keys=keys, transform=preset, spatial_size=(image_size, image_size),
+                              preset_overrides=preset_overrides),
+            ToTensord(keys=("view_1", "view_2"), track_meta=False),  # plain tensors: cheaper to collate
+        ])
+    else:
+        raise ValueError(f"views_on must be 'cpu' or 'device', got {views_on!r}")
     return ContrastivePairDataset(MultiInstanceIndex(rows, level=level), transform, pairing=pairing, groups=groups,
                                   seed=seed)
 

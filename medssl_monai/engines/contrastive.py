@@ -8,7 +8,7 @@ and Ignite handlers (``LrScheduleHandler(epoch_level=False)`` for the per-iterat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,7 +35,7 @@ class ContrastiveTrainer(Trainer):
         optimizer: e.g. ``LARS``; the LR schedule is a handler.
         loss_function: ``NTXentLoss`` (patient-aware when batches carry ``group_key``).
         amp: ``None``/``"none"``, ``"bf16"`` or ``"fp16"``.
-        channels_last, grad_clip, group_key: see ``ContrastiveStep``.
+        channels_last, grad_clip, group_key, views: see ``ContrastiveStep``.
     """
 
     def __init__(
@@ -51,6 +51,7 @@ class ContrastiveTrainer(Trainer):
         channels_last: bool = False,
         grad_clip: float | None = None,
         group_key: str | None = "group_index",
+        views: Callable[[torch.Tensor], torch.Tensor] | None = None,
         train_handlers: Sequence | None = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
@@ -70,7 +71,8 @@ class ContrastiveTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function if loss_function is not None else NTXentLoss()
         self.step = ContrastiveStep(network, self.loss_function, optimizer, scheduler=None, device=device, amp=amp,
-                                    channels_last=channels_last, grad_clip=grad_clip, group_key=group_key)
+                                    channels_last=channels_last, grad_clip=grad_clip, group_key=group_key,
+                                    views=views)
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.step(batchdata)

@@ -9,7 +9,7 @@ iteration would synchronise with the GPU, so handlers do that only when they log
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -34,6 +34,8 @@ class ContrastiveStep:
         channels_last: convert inputs (and the model, once) to channels-last memory format.
         grad_clip: max global gradient norm, ``None`` for no clipping.
         group_key: batch key with per-item group ids for the patient-aware loss (``None``: ignore groups).
+        views: applied to each view batch on ``device`` before the model (``BatchViews``: the augmentations
+            made on the accelerator, the loader then only decodes and resizes); ``None``: views come ready.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ContrastiveStep:
         grad_clip: float | None = None,
         view_keys: tuple[str, str] = ("view_1", "view_2"),
         group_key: str | None = "group_index",
+        views: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if amp not in _AMP:
             raise ValueError(f"amp must be one of {sorted(k for k in _AMP if k)} or None, got {amp!r}")
@@ -61,6 +64,7 @@ class ContrastiveStep:
         self.grad_clip = grad_clip
         self.view_keys = view_keys
         self.group_key = group_key
+        self.views = views
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -73,6 +77,8 @@ class ContrastiveStep:
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         x1 = torch.as_tensor(batch[self.view_keys[0]]).to(self.device, non_blocking=True)
         x2 = torch.as_tensor(batch[self.view_keys[1]]).to(self.device, non_blocking=True)
+        if self.views is not None:
+            x1, x2 = self.views(x1), self.views(x2)
         x = torch.cat([x1, x2])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
 """Augmentation views for contrastive pretraining (SimCLR, MICLe) as MONAI transforms, and presets."""
 
+from medssl_monai.transforms.batch_views import BatchViews, batch_views_for
 from medssl_monai.transforms.presets import get_preset, list_presets, load_preset_config, preset_parameters
 from medssl_monai.transforms.views import (
     LUMA_WEIGHTS,
@@ -21,6 +22,7 @@ from medssl_monai.transforms.views import (
 
 __all__ = [
     "LUMA_WEIGHTS",
+    "BatchViews",
     "ContrastiveViewsd",
     "EnsureFloatImage",
     "EnsureFloatImaged",
@@ -32,6 +34,7 @@ __all__ = [
     "RandGrayscaled",
     "RandomResizedCrop",
     "RandomResizedCropd",
+    "batch_views_for",
     "get_preset",
     "hsv_to_rgb",
     "list_presets",

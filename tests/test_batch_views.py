@@ -1,0 +1,164 @@
+"""BatchViews (views made on the accelerator, per item draws) against independent references: a naive
+bilinear sampler, torch's own flips/turns/resize, and the per-item CPU transforms of the same preset."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medssl_monai.transforms import BatchViews, batch_views_for
+from medssl_monai.transforms.views import (
+    RandGaussianBlur,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    rgb_to_grayscale,
+)
+
+
+def _images(n: int = 6, h: int = 20, w: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=g)
+
+
+def _naive_bilinear(img: np.ndarray, box: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Loop reference: output pixel centre -> source coordinate in the box, clamped to the image, bilinear."""
+    c, height, width = img.shape
+    top, left, bh, bw = (float(v) for v in box)
+    oh, ow = out_hw
+    out = np.zeros((c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            sy = min(max(top + (i + 0.5) * bh / oh - 0.5, 0.0), height - 1.0)
+            sx = min(max(left + (j + 0.5) * bw / ow - 0.5, 0.0), width - 1.0)
+            y0, x0 = math.floor(sy), math.floor(sx)
+            y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+            wy, wx = sy - y0, sx - x0
+            out[:, i, j] = ((1 - wy) * (1 - wx) * img[:, y0, x0] + (1 - wy) * wx * img[:, y0, x1]
+                            + wy * (1 - wx) * img[:, y1, x0] + wy * wx * img[:, y1, x1])
+    return out
+
+
+def test_crop_samples_each_items_box() -> None:
+    x = _images()
+    views = BatchViews((8, 10), crop_scale=(0.2, 0.9))
+    views.set_random_state(seed=3)
+    y = views(x)
+    boxes = views.params["box"]
+    assert len({tuple(b) for b in boxes}) > 1  # each item its own box
+    for k in range(len(x)):
+        top, left, h, w = boxes[k]
+        assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 24
+        assert 0.2 * 480 - 2 * (h + w) <= h * w <= 0.9 * 480 + 2 * (h + w)  # area in range, up to rounding
+        assert 3 / 4 - 0.2 <= w / h <= 4 / 3 + 0.2
+        np.testing.assert_allclose(y[k].numpy(), _naive_bilinear(x[k].numpy(), boxes[k], (8, 10)), atol=1e-5)
+
+
+def test_whole_image_box_is_a_plain_resize() -> None:
+    x = _images(h=24, w=24)
+    views = BatchViews(16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    ref = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=False)
+    torch.testing.assert_close(views(x), ref, atol=1e-5, rtol=0)
+
+
+def test_flips_and_quarter_turns_are_exact() -> None:
+    x = _images(n=12, h=16, w=16)
+    same = dict(spatial_size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    torch.testing.assert_close(BatchViews(**same)(x), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(BatchViews(**same, hflip_prob=1.0)(x), x.flip(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(BatchViews(**same, vflip_prob=1.0)(x), x.flip(-2), atol=1e-6, rtol=0)
+    turns = BatchViews(**same, rot90_prob=1.0)
+    turns.set_random_state(seed=0)
+    y = turns(x)
+    ks = turns.params["rot90"]
+    assert set(ks) == {1, 2, 3}
+    for k in range(len(x)):
+        torch.testing.assert_close(y[k], torch.rot90(x[k], int(ks[k]), dims=(-2, -1)), atol=1e-6, rtol=0)
+
+
+def test_colour_jitter_matches_the_per_item_functions() -> None:
+    """Each item: the CPU transform's functions, in the item's own order, with the item's own factors."""
+    x = _images(n=16, h=12, w=12)
+    views = BatchViews(12, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.7,
+                       brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1))
+    views.set_random_state(seed=5)
+    y = views(x)
+    p = views.params
+    assert 0 < p["jitter"].sum() < len(x) and len({tuple(o) for o in p["order"]}) > 1
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for k in range(len(x)):
+        ref = x[k].clone()
+        if p["jitter"][k]:
+            for i in p["order"][k]:
+                ref = ops[i](ref, float(p["factors"][k, i]))
+        torch.testing.assert_close(y[k], ref, atol=2e-5, rtol=0)
+
+
+def test_grayscale_and_blur_match_the_per_item_transforms() -> None:
+    x = _images(n=8, h=30, w=30)
+    gray = BatchViews(30, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), grayscale_prob=1.0)(x)
+    torch.testing.assert_close(gray, rgb_to_grayscale(x).expand(-1, 3, -1, -1), atol=1e-5, rtol=0)
+    views = BatchViews(30, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), blur_prob=0.5, blur_sigma=(0.1, 2.0))
+    views.set_random_state(seed=1)
+    y = views(x)
+    blurred = views.params["blur"]
+    assert 0 < blurred.sum() < len(x)
+    for k in range(len(x)):
+        if not blurred[k]:
+            torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0)
+            continue
+        one = RandGaussianBlur(sigma=(0.1, 2.0), prob=1.0)
+        one._do_transform, one.current_sigma = True, float(views.params["sigma"][k])
+        torch.testing.assert_close(y[k], one(x[k], randomize=False), atol=1e-5, rtol=0)
+
+
+def test_seeded_and_independent_per_item() -> None:
+    x = _images(n=1, h=40, w=40).expand(8, -1, -1, -1).contiguous()  # 8 copies of one image
+    a, b = batch_views_for("natural", 16, views_on="device", seed=7), batch_views_for("natural", 16,
+                                                                                      views_on="device", seed=7)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb)  # same seed, same views
+    assert all(not torch.allclose(ya[0], ya[k]) for k in range(1, 8))  # copies of one image, different views
+    assert not torch.allclose(ya, a(x))  # the stream moves on
+
+
+def test_from_preset_follows_the_preset_and_its_overrides() -> None:
+    d = BatchViews.from_preset("dermatology", 32, {"crop_scale": [0.5, 1.0], "strength": 1.0})
+    assert d.crop_scale == (0.5, 1.0) and d.rot90_prob == 0.75 and d.vflip_prob == 0.5
+    assert d.ranges[0] == pytest.approx((0.2, 1.8)) and d.ranges[3] == pytest.approx((-0.2, 0.2))
+    n = BatchViews.from_preset("natural", 32)
+    assert n.grayscale_prob == 0.2 and n.rot90_prob == 0.0 and n.blur_prob == 0.5
+    with pytest.raises(ValueError, match="Rand2DElasticd"):
+        BatchViews.from_preset("chest_xray", 32)
+    assert batch_views_for("natural", 32, views_on="cpu") is None
+    with pytest.raises(ValueError, match="views_on"):
+        batch_views_for("natural", 32, views_on="gpu")
+
+
+def test_micle_bundle_with_views_on_the_device(tmp_path: Path) -> None:
+    """The bundle key: the loader only resizes, the trainer makes the views (here on the CPU device)."""
+    from conftest import require_data
+    from test_bundles import copy_bundle, monai_bundle
+
+    from medssl_monai.data import table_to_manifest, write_manifest
+
+    ham = require_data("ham10000")
+    m = table_to_manifest(ham / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
+    write_manifest(m[m["mini"]], tmp_path / "mini.csv")
+    root = copy_bundle("micle_medical", tmp_path)
+    r = monai_bundle("run", "--bundle_root", str(root), "--config_file", str(root / "configs/train.json"),
+                 "--manifest", str(tmp_path / "mini.csv"), "--max_epochs", "1", "--batch_size", "16",
+                     "--image_size", "32", "--backbone", "cbr_tiny", "--limit", "64", "--knn_interval", "0",
+                     "--log_interval", "1", "--preset", "dermatology", "--views_on", "device",
+                     "--source_size", "[45, 60]")
+    assert (root / "models/model.pt").is_file()
+    log = (root / "output/train.log").read_text() + r.stdout + r.stderr
+    assert "views made on the training device" in log
+    losses = [float(v) for v in __import__("re").findall(r"train_loss: ([0-9.naninf]+)", log)]
+    assert losses and all(math.isfinite(v) for v in losses)
