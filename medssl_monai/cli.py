@@ -190,8 +190,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
                                          batch_size=64, num_workers=args.num_workers)
     models = []
     kw_a = _json_arg(args.backbone_kwargs_a, "--backbone-kwargs-a")
+    same = args.backbone_b is None or args.backbone_b == args.backbone_a
     kw_b = _json_arg(args.backbone_kwargs_b, "--backbone-kwargs-b") if args.backbone_kwargs_b is not None else (
-        kw_a if args.backbone_b is None else {})
+        kw_a if same else {})
     for ckpt, name, kw in ((args.ckpt_a, args.backbone_a, kw_a), (args.ckpt_b, args.backbone_b or args.backbone_a, kw_b)):
         net = get_backbone(name, in_channels=args.in_channels, **kw)
         report = load_backbone_weights(net, ckpt, strict=True)
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone-kwargs-a", default=None,
                    help='JSON for the backbone factory, e.g. a slimmed net: \'{"block_inplanes": [64, 64, 128, 256]}\'')
     s.add_argument("--backbone-kwargs-b", default=None,
-                   help="default: --backbone-kwargs-a when both models are the same backbone, else none")
+                   help="default: --backbone-kwargs-a when both are the same backbone, else none; '{}' for a full-width b")
     s.add_argument("--method", default="cka", choices=["cka", "svcca"])
     s.add_argument("--mode", default="pool", choices=["pool", "positions"], help="conv maps: pooled or per position")
     s.add_argument("--split", default=None)

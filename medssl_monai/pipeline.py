@@ -55,6 +55,8 @@ def _read_config(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     A variant of an experiment then names only what it changes: sections (mappings) merge key by key,
     anything else (lists included) replaces. The parent's ``@`` paths are resolved against the parent's
     folder before the merge, so each file's relative paths keep meaning what they meant in that file.
+    ``run_dir`` is not inherited: without its own, a variant gets the default folder, never the parent's
+    (whose finished runs it would otherwise report as its own).
     """
     path = path.resolve()
     if path in seen:
@@ -71,6 +73,7 @@ def _read_config(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             raise ValueError(f"{path}: 'extends' names {parent_path}, which does not exist")
         base = _read_config(parent_path, (*seen, path))
         base.pop("_comment", None)
+        base.pop("run_dir", None)  # a variant never writes into (or reads finished runs from) its parent's folder
         base_dir = Path(base.pop("_base"))
         cfg = _merge(_resolve_tree(base, base_dir), cfg)
     cfg["_base"] = str(path.parent)

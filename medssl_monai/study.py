@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,25 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
     base = Path(cfg.get("_base", "."))
     arms = cfg.get("arms", [])
     problems += [f"unknown arm {a!r} (known: {sorted(ARMS)})" for a in arms if a not in ARMS]
+    per_arm = cfg.get("fractions_per_arm") or {}
+    bad = [a for a, fr in per_arm.items() if not isinstance(fr, list)]
+    problems += [f"fractions_per_arm.{a}: expected a list of fractions, got {per_arm[a]!r}" for a in bad]
     fractions = [float(f) for f in cfg.get("fractions", [])]
-    fractions += [float(f) for fr in (cfg.get("fractions_per_arm") or {}).values() for f in fr]
+    fractions += [float(f) for a, fr in per_arm.items() if a not in bad for f in fr]
+    problems += [f"arm {a!r} has no fractions (neither 'fractions' nor fractions_per_arm.{a})" for a in arms
+                 if not cfg.get("fractions") and not per_arm.get(a)]
+    for name, values in [("fractions", cfg.get("fractions", []))] + [(f"fractions_per_arm.{a}", fr)
+                                                                      for a, fr in per_arm.items() if a not in bad]:
+        if len({float(f) for f in values}) != len(values):
+            problems.append(f"{name}: repeated fractions {values}")
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         problems.append(f"fractions must be in (0, 1]: {fractions}")
     seeds = {float(k): v for k, v in (cfg.get("seeds") or {}).items()}
     for f in sorted(set(fractions)):
         if f not in seeds or not seeds[f]:
             problems.append(f"no seeds for fraction {f}")
+        elif len(set(seeds[f])) != len(seeds[f]):
+            problems.append(f"fraction {f}: repeated seeds {seeds[f]}")
         elif f < 1 and len(seeds[f]) < int(cfg.get("min_seeds", 3)):
             problems.append(f"fraction {f}: {len(seeds[f])} seed(s), at least {cfg.get('min_seeds', 3)} needed")
     for section, bundle in (("common", None), ("phase1", "simclr_natural"), ("medical", "micle_medical"),
@@ -167,8 +178,9 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     seeds = {float(k): v for k, v in cfg["seeds"].items()}
     eval_split = cfg.get("eval_split", "val")
     per_arm = cfg.get("fractions_per_arm") or {}
-    points = [(arm, frac, seed) for arm in arms for frac in (float(f) for f in per_arm.get(arm, cfg["fractions"]))
-              for seed in seeds[frac]]
+    points = list(dict.fromkeys(  # each (arm, fraction, seed) once: two runs at once in one folder would race
+        (arm, frac, seed) for arm in arms for frac in (float(f) for f in per_arm.get(arm, cfg.get("fractions", [])))
+        for seed in seeds[frac]))
 
     def finetune(point: tuple[str, float, int]) -> Path:
         arm, frac, seed = point
@@ -180,7 +192,13 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
 
     # fine-tunes are independent small jobs: on a GPU several at once keep it busy (each is its own process)
     with ThreadPoolExecutor(max_workers=int(cfg.get("parallel_finetunes", 1))) as pool:
-        roots = list(pool.map(finetune, points))
+        futures = [pool.submit(finetune, p) for p in points]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and f.exception() is not None]
+        if failed:  # stop at the first failure: queued runs are dropped, running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise failed[0].exception()
+        roots = [f.result() for f in futures]
     rows = []
     for (arm, frac, seed), root in zip(points, roots):
         if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split

@@ -162,3 +162,50 @@ def test_micle_bundle_with_views_on_the_device(tmp_path: Path) -> None:
     assert "views made on the training device" in log
     losses = [float(v) for v in __import__("re").findall(r"train_loss: ([0-9.naninf]+)", log)]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_input_types_channels_and_bad_parameters() -> None:
+    x = _images(n=4, h=20, w=20)
+    u8 = (x * 255).round().to(torch.uint8)
+    a = BatchViews(12, crop_scale=(0.5, 1.0), jitter_prob=1.0, brightness=(0.5, 1.5))
+    a.set_random_state(seed=2)
+    ya = a(u8.float() / 255.0)
+    a.set_random_state(seed=2)
+    torch.testing.assert_close(a(u8), ya)  # uint8 is scaled to [0, 1], not clamped at 1
+    a.set_random_state(seed=2)
+    yb = a(x.to(torch.bfloat16))  # computed in float32: no NaN, no half-pixel grid error
+    assert yb.dtype == torch.float32 and torch.isfinite(yb).all()
+    gray = BatchViews(12, jitter_prob=1.0, brightness=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1),
+                      grayscale_prob=1.0, blur_prob=1.0)(x[:, :1])
+    assert gray.shape == (4, 1, 12, 12) and gray.min() >= 0 and gray.max() <= 1
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        BatchViews(12)(torch.rand(2, 4, 20, 20))
+    with pytest.raises(ValueError, match=r"hflip_prob=1\.5"):
+        BatchViews(12, hflip_prob=1.5)
+    with pytest.raises(ValueError, match="blur_kernel_size"):
+        BatchViews(12, blur_kernel_size=4)
+
+
+def test_a_preset_in_another_order_is_refused(tmp_path: Path) -> None:
+    """BatchViews runs its steps in one order; a custom preset that blurs before cropping is not the same."""
+    import json
+
+    from medssl_monai.transforms import load_preset_config
+
+    cfg = load_preset_config("natural")
+    cfg["transforms"] = [cfg["transforms"][0], cfg["transforms"][-1], *cfg["transforms"][1:-1]]
+    (tmp_path / "blur_first.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="order"):
+        BatchViews.from_preset(str(tmp_path / "blur_first.json"), 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-device syncs are a GPU matter)")
+def test_no_host_device_sync_on_cuda() -> None:
+    views = batch_views_for("dermatology", 64, views_on="device", seed=0).cuda()
+    x = torch.rand(32, 3, 96, 128, device="cuda")
+    views(x)  # warm-up (kernels loaded, pinned buffers)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -97,6 +97,10 @@ def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> N
     (tmp_path / "var" / "v.json").write_text(json.dumps({
         "extends": "@../base/study.json", "finetune": {"max_epochs": 10}, "fractions": [0.2],
         "run_dir": "@runs/v"}))
+    (tmp_path / "var" / "no_run_dir.json").write_text(json.dumps({"extends": "@../base/study.json"}))
+    (tmp_path / "base" / "with_run_dir.json").write_text(json.dumps({"arms": [], "run_dir": "@runs/base"}))
+    (tmp_path / "var" / "inherits.json").write_text(json.dumps({"extends": "@../base/with_run_dir.json"}))
+    assert "run_dir" not in load_pipeline_config(tmp_path / "var" / "inherits.json", required="arms")
     cfg = load_pipeline_config(tmp_path / "var" / "v.json", required="arms")
     assert cfg["finetune"] == {"max_epochs": 10, "lr": 0.05}  # sections merge key by key
     assert cfg["fractions"] == [0.2]  # lists replace

@@ -273,7 +273,7 @@ def test_similarity_cli_slimmed_net(tmp_path) -> None:
     assert main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "slim.pt"), *common,
                  "--backbone-kwargs-a", slim, "--out", str(tmp_path / "self")]) == 0
     assert main(["similarity", str(tmp_path / "slim.pt"), str(tmp_path / "full.pt"), *common,
-                 "--backbone-kwargs-a", slim, "--backbone-b", "resnet18", "--out", str(tmp_path / "vs")]) == 0
+                 "--backbone-kwargs-a", slim, "--backbone-kwargs-b", "{}", "--out", str(tmp_path / "vs")]) == 0
     same = pd.read_csv(tmp_path / "self.csv", index_col=0)
     vs = pd.read_csv(tmp_path / "vs.csv", index_col=0)
     assert all(abs(same.iloc[i, i] - 1) < 1e-6 for i in range(len(same)))

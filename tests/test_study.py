@@ -43,9 +43,12 @@ def test_variant_configs_change_one_thing(path: Path) -> None:
     change differs); the checkpoints are run outputs, so the data check is off."""
     cfg = load_pipeline_config(path, required="arms")
     assert validate_study(cfg, check_data=False) == []
-    assert cfg["pretrained"] and cfg["run_dir"] != "@../../runs/ham10000_label_efficiency"
-    assert "Issue 5 variant" in cfg["_comment"]  # each says what it changes
+    assert cfg["pretrained"]
     base = Path(cfg["_base"])
+    raw = __import__("json").loads(path.read_text())
+    parent = load_pipeline_config(path.parent / raw["extends"].lstrip("@"), "arms")  # never the parent's folder
+    assert (base / cfg["run_dir"][1:]).resolve() != (Path(parent["_base"]) / parent["run_dir"][1:]).resolve()
+    assert "Issue 5 variant" in cfg["_comment"]  # each says what it changes
     for ckpt in cfg["pretrained"].values():
         p = Path(ckpt[1:]) if ckpt.startswith("@") else Path(ckpt)
         assert (base / p).resolve().parts[-6] in ("ham10000_label_efficiency", "ham10000_label_efficiency_h100")
@@ -112,6 +115,33 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
     assert len(same) == 4
     for metric in ("balanced_accuracy", "auc_macro"):
         assert same[f"{metric}_reuse"].to_numpy() == pytest.approx(same[f"{metric}_first"].to_numpy(), abs=1e-6)
+
+
+def test_repeats_and_missing_fractions_are_refused() -> None:
+    cfg = load_pipeline_config(CONFIGS[0], required="arms")
+    problems = validate_study({**cfg, "fractions": [0.2, 0.2], "seeds": {"0.2": [0, 0, 1]}}, check_data=False)
+    assert any("repeated fractions" in p for p in problems) and any("repeated seeds" in p for p in problems)
+    no_fractions = {k: v for k, v in cfg.items() if k != "fractions"}
+    problems = validate_study({**no_fractions, "fractions_per_arm": {"random": [1.0], "phase1": 0.2}},
+                              check_data=False)
+    assert any("fractions_per_arm.phase1: expected a list" in p for p in problems)
+    assert any("arm 'phase1_micle' has no fractions" in p for p in problems)
+
+
+def test_parallel_finetunes_stop_at_the_first_failure(tmp_path: Path) -> None:
+    """A failing fine-tune ends the study with its error; queued runs are not started."""
+    from conftest import require_data
+
+    ham = require_data("ham10000")
+    cfg = {"_base": str(tmp_path), "run_dir": "@study",
+           "table": {"path": str(ham / "metadata.csv"), "group_col": "lesion_id", "label_col": "dx",
+                     "instance_col": "image_id", "subset": "mini"},
+           "common": {"backbone": "no_such_backbone", "image_size": 32, "num_workers": 0},
+           "arms": ["random"], "fractions": [0.2, 1.0], "seeds": {"0.2": [0, 1, 2], "1.0": [0, 1]},
+           "parallel_finetunes": 2}
+    with pytest.raises(RuntimeError, match="failed"):
+        run_study(cfg)
+    assert 2 <= len(list((tmp_path / "study" / "logs").glob("ft_*.log"))) < 5
 
 
 def test_study_config_keys_are_checked(tmp_path: Path) -> None:

@@ -94,6 +94,20 @@ class BatchViews(Randomizable, torch.nn.Module):
         self.blur_kernel_fraction = float(blur_kernel_fraction)
         self.blur_kernel_size = blur_kernel_size
         self.params: dict[str, np.ndarray] = {}
+        probs = {"hflip_prob": hflip_prob, "vflip_prob": vflip_prob, "rot90_prob": rot90_prob,
+                 "jitter_prob": jitter_prob, "grayscale_prob": grayscale_prob, "blur_prob": blur_prob}
+        problems = [f"{k}={v} is not in [0, 1]" for k, v in probs.items() if not 0.0 <= float(v) <= 1.0]
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            problems.append(f"crop_scale {self.crop_scale} and crop_ratio {self.crop_ratio} need 0 < min <= max")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            problems.append(f"blur_sigma {self.blur_sigma} needs 0 < min <= max")
+        if blur_kernel_size is not None and (blur_kernel_size < 1 or blur_kernel_size % 2 == 0):
+            problems.append(f"blur_kernel_size must be a positive odd int, got {blur_kernel_size}")
+        for name, r in zip(("brightness", "contrast", "saturation", "hue"), self.ranges):
+            if r is not None and not (r[0] <= r[1] and (name == "hue" or r[0] >= 0)):
+                problems.append(f"{name} range {r} is not a valid (lo, hi)")
+        if problems:
+            raise ValueError("BatchViews: " + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------ draws
     def _boxes(self, n: int, height: int, width: int) -> np.ndarray:
@@ -155,7 +169,7 @@ class BatchViews(Randomizable, torch.nn.Module):
         ys = (top[:, None] + iy[None] * bh[:, None]) * (2.0 / height) - 1.0
         xs = (left[:, None] + ix[None] * bw[:, None]) * (2.0 / width) - 1.0
         grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
-        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _device_params(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The draws as tensors on ``device``, moved in one copy.
@@ -232,10 +246,12 @@ class BatchViews(Randomizable, torch.nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` floats in [0, 1] -> ``(B, C, h, w)`` views, each item with its own draw."""
-        if x.ndim != 4:
-            raise ValueError(f"BatchViews expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"BatchViews expects a (B, C, H, W) batch with 1 or 3 channels, got {tuple(x.shape)}")
         x = torch.as_tensor(x).as_subclass(torch.Tensor)
-        x = x if x.is_floating_point() else x.float()
+        # float32 throughout: a bf16 sampling grid is off by up to half a pixel, and half-precision
+        # grid_sample on the CPU returns NaNs; uint8 images are scaled to [0, 1] as the loader does
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         self.randomize((x.shape[0], x.shape[2], x.shape[3]))
         d = self._device_params(x.device)
         x = self._crop(x, d["box"])
@@ -258,36 +274,59 @@ class BatchViews(Randomizable, torch.nn.Module):
     def from_preset(cls, preset: str, spatial_size: Sequence[int] | int,
                     preset_overrides: Mapping[str, Any] | None = None) -> BatchViews:
         """The batch version of a views preset: its transforms instantiated (overrides applied), then read."""
-        from monai.transforms import RandFlipd, RandRotate90d
-
         kw: dict[str, Any] = {"spatial_size": spatial_size}
-        unsupported = []
+        unsupported: list[str] = []
+        seen: list[str] = []
         for t in get_preset(preset, "image", spatial_size, **dict(preset_overrides or {})).transforms:
             if isinstance(t, EnsureFloatImaged):
                 continue
-            if isinstance(t, RandomResizedCropd):
+            kind = _kind(t)
+            if kind is None:
+                unsupported.append(type(t).__name__)
+                continue
+            if kind in seen or any(_ORDER.index(kind) < _ORDER.index(k) for k in seen):
+                raise ValueError(f"preset {preset!r}: BatchViews runs at most one of each transform, in the order "
+                                 f"{' -> '.join(_ORDER)}; this preset has {' -> '.join([*seen, kind])}")
+            seen.append(kind)
+            if kind == "crop":
                 c = t.cropper
                 kw.update(crop_scale=c.scale, crop_ratio=c.ratio, crop_attempts=c.max_attempts)
-            elif isinstance(t, RandFlipd) and _axes(t.flipper.spatial_axis) in ((0,), (1,)):
-                kw["hflip_prob" if _axes(t.flipper.spatial_axis) == (1,) else "vflip_prob"] = t.prob
-            elif isinstance(t, RandRotate90d) and t.max_k == 3 and tuple(t.spatial_axes) == (0, 1):
-                kw["rot90_prob"] = t.prob
-            elif isinstance(t, RandColorJitterd) and t.inner.random_order:
+            elif kind in ("hflip", "vflip", "rot90", "gray"):
+                kw[{"gray": "grayscale_prob"}.get(kind, f"{kind}_prob")] = t.prob
+            elif kind == "jitter":
                 j = t.inner
                 kw.update(jitter_prob=t.prob, brightness=j.brightness, contrast=j.contrast,
                           saturation=j.saturation, hue=j.hue)
-            elif isinstance(t, RandGrayscaled):
-                kw["grayscale_prob"] = t.prob
-            elif isinstance(t, RandGaussianBlurd):
+            else:
                 b = t.inner
                 kw.update(blur_prob=t.prob, blur_sigma=b.sigma, blur_kernel_fraction=b.kernel_fraction,
                           blur_kernel_size=b.kernel_size)
-            else:
-                unsupported.append(type(t).__name__)
         if unsupported:
             raise ValueError(f"preset {preset!r} has transforms BatchViews cannot run on the device: "
                              f"{', '.join(unsupported)}; use views_on='cpu' for it")
         return cls(**kw)
+
+
+_ORDER = ("crop", "hflip", "vflip", "rot90", "jitter", "gray", "blur")
+
+
+def _kind(t: Any) -> str | None:
+    """Which of BatchViews' steps a preset transform is (``None``: not one of them)."""
+    from monai.transforms import RandFlipd, RandRotate90d
+
+    if isinstance(t, RandomResizedCropd):
+        return "crop"
+    if isinstance(t, RandFlipd) and _axes(t.flipper.spatial_axis) in ((0,), (1,)):
+        return "hflip" if _axes(t.flipper.spatial_axis) == (1,) else "vflip"
+    if isinstance(t, RandRotate90d) and t.max_k == 3 and tuple(t.spatial_axes) == (0, 1):
+        return "rot90"
+    if isinstance(t, RandColorJitterd) and t.inner.random_order:
+        return "jitter"
+    if isinstance(t, RandGrayscaled):
+        return "gray"
+    if isinstance(t, RandGaussianBlurd):
+        return "blur"
+    return None
 
 
 def _axes(axis: Any) -> tuple[int, ...]:

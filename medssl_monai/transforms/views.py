@@ -98,7 +98,8 @@ def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
     for R, G, B: the same values as colorsys' six-sector table in a handful of whole-image ops.
     """
     h, s, v = img.unbind(dim=-3)
-    offsets = torch.tensor((5.0, 3.0, 1.0), dtype=img.dtype, device=img.device).view(3, 1, 1)
+    # (5, 3, 1) made on the image's device: a tensor from host values would be a blocking copy to a GPU
+    offsets = (5.0 - 2.0 * torch.arange(3, dtype=img.dtype, device=img.device)).view(3, 1, 1)
     k = torch.remainder(offsets + (h * 6.0).unsqueeze(-3), 6.0)
     f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     v = v.unsqueeze(-3)
