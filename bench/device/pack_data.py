@@ -1,9 +1,9 @@
 """Pack a compact copy of HAM10000 and imagenette's train half for a run on the lent GPU machine.
 
 The device tool sends at most 64 MiB (repository included) and cannot see ``../shared``; the GPU study
-reads this copy instead: HAM10000 re-encoded at its own 200x150 size (JPEG quality ``--ham-quality``) and
-imagenette's train images at ``--natural-size`` px. Only the encoding changes: same files, same
-metadata (paths rewritten to the new files), same splits.
+reads this copy instead: HAM10000 re-encoded at its own 200x150 size (JPEG quality ``--ham-quality``), and
+imagenette's train images (224x224) resized to ``--natural-size`` px squares. Same files, same metadata
+and splits; what changes is the JPEG encoding and, for imagenette, the resolution.
 
     python bench/device/pack_data.py ../shared/data .gpu_data
 """
