@@ -32,6 +32,7 @@ from .views import (
     RandGaussianBlurd,
     RandGrayscaled,
     RandomResizedCropd,
+    centre_crop_box,
     hsv_to_rgb,
     rgb_to_grayscale,
     rgb_to_hsv,
@@ -129,15 +130,8 @@ class BatchViews(Randomizable, torch.nn.Module):
             done |= ok
             if done.all():
                 break
-        if not done.all():  # fallback: the whole image cut to the ratio range, centred
-            in_ratio = width / height
-            if in_ratio < self.crop_ratio[0]:
-                w, h = width, round(width / self.crop_ratio[0])
-            elif in_ratio > self.crop_ratio[1]:
-                h, w = height, round(height * self.crop_ratio[1])
-            else:
-                w, h = width, height
-            boxes[~done] = ((height - h) // 2, (width - w) // 2, h, w)
+        if not done.all():  # the same fallback as the per-item crop
+            boxes[~done] = centre_crop_box(height, width, self.crop_ratio)
         return boxes
 
     def randomize(self, data: tuple[int, int, int]) -> None:

@@ -328,14 +328,7 @@ class RandomResizedCrop(Randomizable, Transform):
                 left = int(self.R.randint(0, width - w + 1))
                 self.box = (top, left, h, w)
                 return
-        in_ratio = width / height  # fallback: the largest centre crop with an allowed aspect ratio
-        if in_ratio < self.ratio[0]:
-            w, h = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            h, w = height, round(height * self.ratio[1])
-        else:
-            w, h = width, height
-        self.box = ((height - h) // 2, (width - w) // 2, h, w)
+        self.box = centre_crop_box(height, width, self.ratio)
 
     def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
         img = convert_to_tensor(img, track_meta=get_track_meta())
@@ -368,6 +361,19 @@ class RandomResizedCrop(Randomizable, Transform):
             scale = to_affine_nd(affine.shape[-1] - 1, scale_affine(in_size, self.spatial_size))
             out.affine = affine @ torch.as_tensor(scale, dtype=torch.float64)
         return out
+
+
+def centre_crop_box(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """torchvision's fallback when no random box fits: the largest centred crop with an allowed aspect ratio,
+    as (top, left, h, w)."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return ((height - h) // 2, (width - w) // 2, h, w)
 
 
 class RandomResizedCropd(Randomizable, MapTransform):
