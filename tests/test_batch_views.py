@@ -209,3 +209,29 @@ def test_no_host_device_sync_on_cuda() -> None:
         views(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_crop_boxes_follow_the_per_item_crops_distribution() -> None:
+    """The batch draws boxes with its own stream, so compare distributions with the per-item crop's."""
+    from medssl_monai.transforms import RandomResizedCrop
+
+    n, height, width = 4000, 150, 200
+    views = BatchViews(64, crop_scale=(0.08, 1.0))
+    views.set_random_state(seed=0)
+    ours = views._boxes(n, height, width).astype(float)
+    crop = RandomResizedCrop(64, scale=(0.08, 1.0))
+    crop.set_random_state(seed=1)
+    ref = []
+    for _ in range(n):
+        crop.randomize((height, width))
+        ref.append(crop.box)
+    ref = np.asarray(ref, dtype=float)
+    for boxes in (ours, ref):
+        assert (boxes[:, 0] + boxes[:, 2] <= height).all() and (boxes[:, 1] + boxes[:, 3] <= width).all()
+    area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
+    log_aspect = lambda b: np.log(b[:, 3] / b[:, 2])  # noqa: E731
+    centre_y = lambda b: (b[:, 0] + b[:, 2] / 2) / height  # noqa: E731
+    for stat in (area, log_aspect, centre_y):
+        a, r = stat(ours), stat(ref)
+        assert abs(a.mean() - r.mean()) < 4 * np.sqrt(a.var() / n + r.var() / n)  # same mean, 4 standard errors
+        assert abs(np.quantile(a, 0.9) - np.quantile(r, 0.9)) < 0.05 * (r.max() - r.min())
