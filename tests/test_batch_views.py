@@ -4,6 +4,7 @@ bilinear sampler, torch's own flips/turns/resize, and the per-item CPU transform
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_micle_bundle_with_views_on_the_device(tmp_path: Path) -> None:
     assert (root / "models/model.pt").is_file()
     log = (root / "output/train.log").read_text() + r.stdout + r.stderr
     assert "views made on the training device" in log
-    losses = [float(v) for v in __import__("re").findall(r"train_loss: ([0-9.naninf]+)", log)]
+    losses = [float(v) for v in re.findall(r"train_loss: ([0-9.naninf]+)", log)]
     assert losses and all(math.isfinite(v) for v in losses)
 
 

@@ -3,6 +3,7 @@ configs are refused with reasons, and a tiny study really runs arms x fractions 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -45,7 +46,7 @@ def test_variant_configs_change_one_thing(path: Path) -> None:
     assert validate_study(cfg, check_data=False) == []
     assert cfg["pretrained"]
     base = Path(cfg["_base"])
-    raw = __import__("json").loads(path.read_text())
+    raw = json.loads(path.read_text())
     parent = load_pipeline_config(path.parent / raw["extends"].lstrip("@"), "arms")  # never the parent's folder
     assert (base / cfg["run_dir"][1:]).resolve() != (Path(parent["_base"]) / parent["run_dir"][1:]).resolve()
     assert "Issue 5 variant" in cfg["_comment"]  # each says what it changes
