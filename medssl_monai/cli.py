@@ -181,13 +181,15 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     import torch
 
     from .bundle.data import eval_dataset, load_rows
+    from .data.bad_images import collate_readable
     from .networks import get_backbone, load_backbone_weights
     from .similarity import save_similarity, stage_similarity
 
     rows = load_rows(manifest=args.manifest, split=args.split, limit=args.limit)
     rows = rows.sample(frac=1.0, random_state=0)  # a random subset when max_examples cuts it
     loader = torch.utils.data.DataLoader(eval_dataset(rows, args.image_size, args.in_channels),
-                                         batch_size=64, num_workers=args.num_workers)
+                                         batch_size=64, num_workers=args.num_workers,
+                                         collate_fn=collate_readable)
     models = []
     kw_a = _json_arg(args.backbone_kwargs_a, "--backbone-kwargs-a")
     same = args.backbone_b is None or args.backbone_b == args.backbone_a

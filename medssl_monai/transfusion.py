@@ -260,6 +260,7 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
         if set(cached["run"]) == set(init_runs["run"]) and out.stat().st_mtime > newest:
             return cached
     from .bundle.data import eval_dataset, load_rows
+    from .data.bad_images import collate_readable
 
     opts = cfg.get("similarity") or {}
     common = cfg.get("common") or {}
@@ -267,7 +268,7 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
     n = int(opts.get("max_examples", 4000))
     loader = torch.utils.data.DataLoader(
         eval_dataset(rows, int(common.get("image_size", 64)), int(common.get("in_channels", 3)), cache=True),
-        batch_size=100, num_workers=0)
+        batch_size=100, num_workers=0, collate_fn=collate_readable)
     parts = []
     for r in init_runs.itertuples(index=False):
         df = stage_moves(Path(r.before), Path(r.after), r.model, int(common.get("in_channels", 3)), loader, n,

@@ -20,6 +20,7 @@ from monai.data.utils import worker_init_fn
 from monai.transforms import Compose, CopyItemsd, DeleteItemsd, Resized, ToTensord
 
 from ..data import ContrastivePairDataset, LoadManifestImaged, MultiInstanceIndex, read_manifest
+from ..data.bad_images import BadImageLog, SkipUnreadable, SkipUnreadableDataset, collate_readable
 from ..transforms import ContrastiveViewsd, EnsureFloatImaged
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "knn_monitor",
     "load_rows",
     "make_loader",
+    "skip_unreadable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,8 +115,11 @@ def contrastive_dataset(
     seed: int = 0,
     views_on: str = "cpu",
     source_size: int | Sequence[int] | None = None,
-) -> ContrastivePairDataset:
+) -> SkipUnreadableDataset:
     """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``.
+
+    A pair with an unreadable image is replaced by the next readable item and recorded in the run's
+    errors file (``bad_images``); ``set_random_state`` and the pair dataset's attributes pass through.
 
     ``views_on="device"``: the items are the two source images resized to ``source_size`` (``(H, W)`` or
     a side; default twice ``image_size``), not augmented; ``BatchViews`` makes the views on the
@@ -141,16 +146,24 @@ def contrastive_dataset(
         ])
     else:
         raise ValueError(f"views_on must be 'cpu' or 'device', got {views_on!r}")
-    return ContrastivePairDataset(MultiInstanceIndex(rows, level=level), transform, pairing=pairing, groups=groups,
-                                  seed=seed)
+    pairs = ContrastivePairDataset(MultiInstanceIndex(rows, level=level), transform, pairing=pairing, groups=groups,
+                                   seed=seed)
+    return SkipUnreadableDataset(pairs, BadImageLog("train", len(rows)))
+
+
+def skip_unreadable(transform: Any, phase: str, total: int) -> SkipUnreadable:
+    """``transform`` whose unreadable images become ``None`` items (dropped by ``make_loader``'s collate)
+    and rows of the run's errors file; for the bundles' evaluation and inference pipelines."""
+    return SkipUnreadable(transform, BadImageLog(phase, total))
 
 
 def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
-                 classes: Sequence[str] | None = None, cache: bool = False) -> Dataset:
+                 classes: Sequence[str] | None = None, cache: bool = False, phase: str = "eval") -> Dataset:
     """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation.
 
     ``cache`` decodes and resizes every image once and keeps the tensors (MONAI ``CacheDataset``): for
-    monitors that read the same images every epoch.
+    monitors that read the same images every epoch. Unreadable images are ``None`` items, recorded under
+    ``phase``; load them with :func:`make_loader` (or ``collate_fn=collate_readable``), which drops them.
     """
     items = []
     for r in rows.to_dict("records"):
@@ -160,11 +173,11 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
             label = r.get("label")
             item["label"] = list(classes).index(label) if isinstance(label, str) and label in classes else -1
         items.append(item)
-    transform = Compose([
+    transform = skip_unreadable(Compose([
         LoadManifestImaged(keys="image", channels=channels),
         EnsureFloatImaged(keys="image", num_channels=channels),
         Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),  # area: alias-free downscale
-    ])
+    ]), phase, len(items))
     if cache:
         from monai.data import CacheDataset
 
@@ -178,6 +191,7 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
     """A DataLoader; under ``torch.distributed`` (``ignite.distributed``) each rank gets its own shard.
 
     ``batch_size`` is per process. MONAI's ``worker_init_fn`` seeds every worker's transforms differently.
+    ``collate_readable`` drops the ``None`` items of unreadable images (a batch of only those is ``None``).
     ``even_divisible=False`` (evaluation): shards of unequal size that together hold every item exactly once
     (MONAI's ``DistributedSampler``), so gathered metrics and confusion-matrix counts are not padded with
     repeated items; training keeps equal shards (DDP needs the same number of steps on every rank).
@@ -190,18 +204,22 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
         sampler = DistributedSampler(dataset, even_divisible=False, shuffle=shuffle)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                            drop_last=drop_last, worker_init_fn=worker_init_fn,
-                                           persistent_workers=num_workers > 0)
+                                           persistent_workers=num_workers > 0, collate_fn=collate_readable)
     if distributed and idist.get_world_size() > 1:
         return idist.auto_dataloader(dataset, batch_size=batch_size * idist.get_world_size(), shuffle=shuffle,
-                                     num_workers=num_workers, drop_last=drop_last, worker_init_fn=worker_init_fn)
+                                     num_workers=num_workers, drop_last=drop_last, worker_init_fn=worker_init_fn,
+                                     collate_fn=collate_readable)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                                        drop_last=drop_last, worker_init_fn=worker_init_fn,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, collate_fn=collate_readable)
 
 
 def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_size: int = 64, channels: int = 3,
                            augment: bool = False, multi_label: bool = False, preset: str | None = None) -> Dataset:
     """Labelled images for fine-tuning/evaluation: ``{"image", "label", "sop_uid", "patient_id"}``.
+
+    An unreadable image is recorded in the run's errors file (phase ``train`` with ``augment``, else
+    ``eval``) and skipped: replaced by the next readable item in training, dropped (``None``) otherwise.
 
     ``augment`` adds the light augmentation fine-tuning uses (random resized crop of 50-100% area and
     flips); without it images are resized whole, as at inference. ``preset`` (a view preset name, e.g. the
@@ -228,7 +246,10 @@ def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_siz
         spatial += [RandFlipd(keys="image", prob=p, spatial_axis=axis) for p, axis in ((hflip, 1), (vflip, 0)) if p > 0]
     else:
         spatial = [Resized(keys="image", spatial_size=(image_size, image_size), mode="area")]
-    return Dataset(items, Compose([*load, *spatial, ToTensord(keys="image", track_meta=False)]))
+    transform = Compose([*load, *spatial, ToTensord(keys="image", track_meta=False)])
+    if augment:
+        return SkipUnreadableDataset(Dataset(items, transform), BadImageLog("train", len(items)))
+    return Dataset(items, skip_unreadable(transform, "eval", len(items)))
 
 
 def fit_classes(rows: pd.DataFrame, class_names: Sequence[str] | None = None, multi_label: bool = False) -> list[str]:
@@ -279,8 +300,8 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
     val = val.sample(n=min(max_images, len(val)), random_state=0)
     classes = sorted(set(train["label"]) | set(val["label"]))
     # cached: the monitor reads the same images every epoch (at most 2 x max_images x C x size^2 floats)
-    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True), batch_size, num_workers,
-                           shuffle=False) for df in (train, val)]
+    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True, phase="knn"), batch_size,
+                           num_workers, shuffle=False) for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
                       summary_writer=summary_writer, num_classes=len(classes))
 

@@ -11,8 +11,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..data.bad_images import configure_bad_images
 from ..data.manifest import atomic_write_text
-from ..data.privacy import silence_pydicom_logger
+from ..data.privacy import install_path_redaction, silence_pydicom_logger
 
 __all__ = [
     "bundle_classes",
@@ -27,10 +28,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log") -> Path:
+def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log", max_bad_images: float | None = None
+              ) -> Path:
     """Create ``output_dir`` and add a plain log file there (the console handler comes from logging.conf).
 
     pydicom's logger is detached from these handlers: its warnings quote element values (patient names).
+    Log records, warnings and a fatal traceback name the images of a pseudonymised manifest by their
+    ``pm:`` keys, never their real paths (``privacy.install_path_redaction``). Unreadable images are skipped
+    and listed in ``output_dir/bad_images.csv``; past ``max_bad_images`` (a count, or a fraction of each
+    dataset; default 0.01) the run stops (``data.bad_images``).
     """
     import ignite.distributed as idist
 
@@ -48,6 +54,8 @@ def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log") -> Pat
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     silence_pydicom_logger()
+    install_path_redaction()
+    configure_bad_images(out / "bad_images.csv", max_bad_images)
     # MONAI announces at every import that an optional GPU codec is absent: noise in a CPU run's log
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     if world > 1:
@@ -85,6 +93,8 @@ def write_embeddings(network: nn.Module, loader: torch.utils.data.DataLoader, ou
     ids: dict[str, list[str]] = {k: [] for k in id_keys}
     feats: list[torch.Tensor] = []
     for batch in loader:
+        if batch is None:  # only unreadable images in this batch (listed in bad_images.csv)
+            continue
         feats.append(network(torch.as_tensor(batch["image"]).to(device)).float().cpu())
         for k in id_keys:
             ids[k].extend(map(str, batch[k]))
@@ -139,6 +149,8 @@ def write_predictions(network: nn.Module, loader: torch.utils.data.DataLoader, c
     network = network.to(device).eval()
     rows = []
     for batch in loader:
+        if batch is None:  # only unreadable images in this batch (listed in bad_images.csv)
+            continue
         logits = network(torch.as_tensor(batch["image"]).to(device)).float()
         probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
         for i, p in enumerate(probs.cpu().tolist()):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .privacy import register_path_keys
+
 __all__ = [
     "ERROR_COLUMNS",
     "ID_COLUMNS",
@@ -154,11 +156,14 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.Dat
                 f"{path} is pseudonymised and its paths are opaque keys, but the private path map {pm} "
                 "is missing: keep it beside the manifest (it is written with the manifest, mode 0600)")
         mapping = pd.read_csv(pm, dtype="string").set_index("key")["path"]
-        df.loc[keyed, "path"] = df.loc[keyed, "path"].map(mapping)
+        keys = df.loc[keyed, "path"].copy()
+        df.loc[keyed, "path"] = keys.map(mapping)
         if df.loc[keyed, "path"].isna().any():
             raise KeyError(f"{pm} lacks entries for some keys of {path}: re-run the index")
     base = path.parent.resolve()
     df["path"] = pd.array([p if os.path.isabs(p) else str(base / p) for p in df["path"]], dtype="string")
+    if keyed.any():  # logs name these images by key (privacy.install_path_redaction)
+        register_path_keys(dict(zip(df.loc[keyed, "path"], keys)))
     return df
 
 

@@ -24,7 +24,8 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
-from .privacy import silence_pydicom_logger
+from .bad_images import UnreadableImageError
+from .privacy import image_key, silence_pydicom_logger
 
 __all__ = [
     "LoadManifestImage",
@@ -108,7 +109,10 @@ def read_dicom_frame(path: str | os.PathLike, frame: int | None = None, sitk_fal
         except Exception as err:
             raise MissingCodecError(message + f"; the SimpleITK/GDCM fallback failed too ({err})") from None
     else:
-        arr = pixel_array(ds, index=frame if n_frames > 1 else None)  # YBR -> RGB is pydicom's default
+        try:
+            arr = pixel_array(ds, index=frame if n_frames > 1 else None)  # YBR -> RGB is pydicom's default
+        except Exception as err:  # pydicom's messages ("bytes of pixel data ... less than expected") lack the file
+            raise ValueError(f"{path}: cannot decode pixel data ({err})") from err
     if photometric == "PALETTE COLOR" and not via_sitk:
         arr = apply_color_lut(arr, ds)
     if arr.ndim == 3:  # (H, W, 3) colour
@@ -254,7 +258,9 @@ class LoadManifestImage(Transform):
 class LoadManifestImaged(MapTransform):
     """Dictionary version: ``d[key]`` is a path or a manifest row dict and becomes the loaded image.
 
-    For MICLe pairs, ``keys=("image_1", "image_2")`` with one row dict under each key.
+    For MICLe pairs, ``keys=("image_1", "image_2")`` with one row dict under each key. Any failure to load
+    raises :class:`~.bad_images.UnreadableImageError` naming the image by its manifest key (never the resolved
+    path of a pseudonymised image), which the ``bad_images`` wrappers turn into a skip.
     """
 
     def __init__(self, keys: KeysCollection, channels: int | None = None, frame: int | None = None,
@@ -271,5 +277,13 @@ class LoadManifestImaged(MapTransform):
                 row = {k: d[k] for k in ("source", "frame_index", "slice_index") if k in d}
                 row["path"] = str(value)
                 value = row
-            d[key] = self.loader(value)
+            try:
+                d[key] = self.loader(value)
+            except Exception as err:
+                path = value.get("path") if isinstance(value, Mapping) else value
+                name = image_key(path) if isinstance(path, str) else str(key)
+                reason = str(err)
+                if isinstance(path, str) and reason.startswith(f"{path}: "):
+                    reason = reason[len(path) + 2:]
+                raise UnreadableImageError(name, f"{type(err).__name__}: {reason}") from err
         return d

@@ -140,6 +140,8 @@ def extract_features(
     labels: list[torch.Tensor] = []
     try:
         for batch in loader:
+            if batch is None:  # every image of this batch was unreadable (bad_images.collate_readable)
+                continue
             images, targets = _split_batch(batch, image_key, label_key)
             x = torch.as_tensor(images).as_subclass(torch.Tensor).to(device, non_blocking=True)
             ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
