@@ -10,6 +10,7 @@ from .data import (
     knn_monitor,
     load_rows,
     make_loader,
+    skip_unreadable,
 )
 from .distributed import (
     finalize_distributed,
@@ -51,6 +52,7 @@ __all__ = [
     "save_classifier_outputs",
     "save_pretraining_outputs",
     "setup_run",
+    "skip_unreadable",
     "summary_writer",
     "unwrap",
     "world_size",
