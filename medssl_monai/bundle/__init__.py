@@ -28,6 +28,7 @@ from .finetune import (
     classification_items,
     finetune_bundle_dir,
     flip_prob,
+    item_classes,
     key_val_metric,
     load_architecture,
     other_metrics,
@@ -40,6 +41,7 @@ from .run import (
     save_pretraining_outputs,
     setup_run,
     write_embeddings,
+    write_metrics,
     write_predictions,
 )
 from .weights import classifier_def, load_pretrained
@@ -64,6 +66,7 @@ __all__ = [
     "inference_items",
     "init_distributed",
     "is_main",
+    "item_classes",
     "key_val_metric",
     "knn_monitor",
     "load_architecture",
@@ -80,5 +83,6 @@ __all__ = [
     "world_size",
     "wrap_ddp",
     "write_embeddings",
+    "write_metrics",
     "write_predictions",
 ]

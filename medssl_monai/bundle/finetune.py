@@ -34,6 +34,7 @@ __all__ = [
     "classification_items",
     "finetune_bundle_dir",
     "flip_prob",
+    "item_classes",
     "key_val_metric",
     "load_architecture",
     "other_metrics",
@@ -77,6 +78,21 @@ def flip_prob(preset: str | None, flip: str) -> float:
     from ..transforms import preset_parameters
 
     return float(preset_parameters(str(preset)).get(f"{flip}_prob", 0.0))
+
+
+def item_classes(datasets: Iterable[Iterable[Mapping[str, Any]]], class_names: Sequence[str] | None = None,
+                 multi_label: bool = False) -> list[str]:
+    """The class list: ``class_names`` when given (their order is the logits' order), else the sorted label
+    strings of the items (``train#dataset#data`` and ``validate#dataset#data``: whatever data the bundle was
+    given, a manifest's or MONAI Label's datastore's)."""
+    if class_names:
+        return [str(c) for c in class_names]
+    labels = [d.get("label") for data in datasets for d in data]
+    if any(v is not None and not isinstance(v, str) for v in labels):
+        raise ValueError("the items' labels are not class names (already encoded?): set class_names")
+    if not any(v is not None for v in labels):
+        raise ValueError("no labels in the training/validation items: set class_names or use labelled data")
+    return LabelEncoder(multi_label=multi_label).fit(labels).classes
 
 
 def training_labels(data: Iterable[Mapping[str, Any]], encoder: LabelEncoder) -> torch.Tensor:

@@ -23,6 +23,7 @@ __all__ = [
     "save_pretraining_outputs",
     "setup_run",
     "write_embeddings",
+    "write_metrics",
     "write_predictions",
 ]
 
@@ -185,8 +186,13 @@ def evaluate_classifier(network: nn.Module, loader: torch.utils.data.DataLoader,
     if not multi_label:
         ConfusionMatrixWriter(out, classes).attach(evaluator)
     evaluator.run()
+    return write_metrics(evaluator, out)
+
+
+def write_metrics(evaluator: Any, output_dir: str | os.PathLike) -> dict[str, float]:
+    """The scalar metrics of an evaluator's last run as ``output_dir/metrics.json`` (atomic) and in the log."""
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or
                (torch.is_tensor(v) and v.numel() == 1)}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     logger.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return metrics
