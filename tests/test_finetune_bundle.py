@@ -216,3 +216,18 @@ def test_linear_probe_in_the_bundle_optimises_the_head_only(manifest: Path) -> N
     optimizer = parser.get_parsed_content("train#optimizer")
     assert [g["name"] for g in optimizer.param_groups] == ["head", "head_no_decay"]
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in network.head.parameters()}
+
+
+def test_multi_gpu_config_merges_over_the_declarative_train_config(manifest: Path, tmp_path: Path) -> None:
+    """``multi_gpu_train.json`` replaces the network (DDP) and loaders (sharded) of the declared fine-tune; in
+    one process the merged config builds the same trainer with its handlers, checkpoint last."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json")])
+    parser.update({"bundle_root": str(BUNDLE), "manifest": str(manifest), "backbone": "cbr_tiny",
+                   "output_dir": str(tmp_path)})
+    trainer = parser.get_parsed_content("train#trainer")
+    names = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
+    assert names[0] == "ValidationHandler" and names[-1] == "TrainingCheckpoint"
+    assert trainer.data_loader.batch_size == 16 and len(trainer.data_loader.dataset) == 18
