@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ PHASES: dict[str, tuple[str, str, str | None]] = {
     "simclr": ("simclr_natural", "train.json", None),
     "micle": ("micle_medical", "train.json", "simclr"),
     "finetune": ("finetune_classification", "train.json", "micle"),
-    "evaluate": ("finetune_classification", "evaluate.json", None),
+    "evaluate": ("finetune_classification", ("train.json", "evaluate.json"), None),  # merged, model zoo style
     "predict": ("finetune_classification", "inference.json", None),
     "embed": ("micle_medical", "inference.json", None),
 }
@@ -140,8 +140,8 @@ def _cli_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
 
-def run_bundle(bundle_src: Path, config_file: str, root: Path, overrides: Mapping[str, Any], run_dir: Path,
-               tag: str, done: Path, copy: bool = True, force: bool = False) -> Path:
+def run_bundle(bundle_src: Path, config_file: str | Sequence[str], root: Path, overrides: Mapping[str, Any],
+               run_dir: Path, tag: str, done: Path, copy: bool = True, force: bool = False) -> Path:
     """Run ``config_file`` of a bundle copied to ``root`` (or already there) through MONAI's CLI.
 
     Skipped when ``done`` exists (unless ``force``); the overrides and the command go to
@@ -154,19 +154,22 @@ def run_bundle(bundle_src: Path, config_file: str, root: Path, overrides: Mappin
         if force and root.exists():
             shutil.rmtree(root)
         if not root.exists():
-            shutil.copytree(bundle_src, root, ignore=shutil.ignore_patterns("*.pt", "output", "classes.json"))
+            shutil.copytree(bundle_src, root, ignore=shutil.ignore_patterns("*.pt", "output", "classes.json",
+                                                                     "architecture.json"))
+    files = [config_file] if isinstance(config_file, str) else list(config_file)
+    paths = [str(root / "configs" / f) for f in files]  # several: merged in order by MONAI's CLI
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root),
-           "--config_file", str(root / "configs" / config_file)]
+           "--config_file", paths[0] if len(paths) == 1 else repr(paths)]
     for k, v in overrides.items():
         cmd += [f"--{k}", _cli_value(v)]
     (run_dir / "configs").mkdir(parents=True, exist_ok=True)
     (run_dir / "configs" / f"{tag}.json").write_text(json.dumps(
-        {"bundle": bundle_src.name, "config_file": config_file, "overrides": dict(overrides), "command": cmd},
+        {"bundle": bundle_src.name, "config_file": files if len(files) > 1 else files[0], "overrides": dict(overrides), "command": cmd},
         indent=1))
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"[{tag}] {bundle_src.name}/{config_file} ...", flush=True)
+    print(f"[{tag}] {bundle_src.name}/{'+'.join(files)} ...", flush=True)
     with open(logs / f"{tag}.log", "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
     if r.returncode != 0:

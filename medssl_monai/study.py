@@ -205,7 +205,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
             m = final_validation(root / "output" / "tensorboard")
         else:
             ev = root / "output" / f"eval_{eval_split}"
-            run_bundle(REPO_BUNDLES / "finetune_classification", "evaluate.json", root,
+            run_bundle(REPO_BUNDLES / "finetune_classification", ("train.json", "evaluate.json"), root,
                        {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
                         "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
                        copy=False, force=force)

@@ -158,7 +158,8 @@ def test_phase3_finetunes_from_phase2(pretrained: dict[str, Path]) -> None:
 
 def test_evaluate_and_predict(pretrained: dict[str, Path]) -> None:
     p3, manifest = pretrained["p3"], pretrained["manifest"]
-    monai_bundle("run", "--bundle_root", str(p3), "--config_file", str(p3 / "configs/evaluate.json"),
+    evaluate = repr([str(p3 / "configs/train.json"), str(p3 / "configs/evaluate.json")])  # merged, model zoo style
+    monai_bundle("run", "--bundle_root", str(p3), "--config_file", evaluate,
                  "--manifest", str(manifest), "--eval_split", "val", "--image_size", "32")
     metrics = json.loads((p3 / "output/eval_val/metrics.json").read_text())
     assert {"accuracy", "balanced_accuracy", "auc_macro"} <= set(metrics)

@@ -15,13 +15,8 @@ from monai.data import DataLoader, Dataset
 from monai.handlers import from_engine
 from PIL import Image
 
-from medssl_monai.engines.finetune import (
-    EncodeLabeld,
-    LabelEncoder,
-    build_finetune,
-    class_weights,
-    select_labelled,
-)
+from medssl_monai.bundle import build_finetune
+from medssl_monai.data import EncodeLabeld, LabelEncoder, select_labelled
 from medssl_monai.engines.metrics import (
     accuracy,
     balanced_accuracy,
@@ -29,6 +24,7 @@ from medssl_monai.engines.metrics import (
     multilabel_auc,
     roc_auc_ovr,
 )
+from medssl_monai.losses import class_weights
 from medssl_monai.networks import get_backbone
 from medssl_monai.networks.heads import Classifier, ProjectionHead
 
@@ -266,7 +262,7 @@ def test_multilabel_path(tmp_path):
 
 def test_build_finetune_validates_inputs(caplog):
     items = separable([4, 4], seed=6)
-    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.finetune"):
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.amp"):
         trainer, evaluator = build_finetune(tiny_classifier(2), loader(items), loader(items), 2, amp=True)
     assert not trainer.amp and not evaluator.amp and "amp=True is ignored" in caplog.text  # CPU
     with pytest.raises(ValueError, match="outputs"):
@@ -353,7 +349,7 @@ def test_select_labelled_on_ham10000(ham10000, caplog):
     # unlabelled training rows are dropped and counted in the log
     unlabelled = df.copy()
     unlabelled.loc[train.index[:25], "label"] = pd.NA
-    with caplog.at_level(logging.INFO, logger="medssl_monai.engines.finetune"):
+    with caplog.at_level(logging.INFO, logger="medssl_monai.data.splits"):
         kept = select_labelled(unlabelled, 1.0)
     assert len(kept) == 7023 - 25
     assert "dropped 25 training row(s) without a label" in caplog.text
@@ -363,18 +359,18 @@ def test_select_labelled_on_ham10000(ham10000, caplog):
 
 def test_build_finetune_amp_takes_the_bundles_vocabulary(caplog):
     """``amp`` is ``null|bf16|fp16`` in every bundle: the string "none" must not switch mixed precision on."""
-    from medssl_monai.engines.finetune import _amp_dtype
+    from medssl_monai.engines import amp_dtype
 
-    assert _amp_dtype(None) is None and _amp_dtype(False) is None and _amp_dtype("none") is None
-    assert _amp_dtype(True) == torch.float16 and _amp_dtype("fp16") == torch.float16
-    assert _amp_dtype("bf16") == torch.bfloat16
+    assert amp_dtype(None) is None and amp_dtype(False) is None and amp_dtype("none") is None
+    assert amp_dtype(True) == torch.float16 and amp_dtype("fp16") == torch.float16
+    assert amp_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="amp"):
-        _amp_dtype("fp8")
+        amp_dtype("fp8")
     items = separable([4, 4], seed=6)
-    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.finetune"):
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.amp"):
         trainer, _ = build_finetune(tiny_classifier(2), loader(items), loader(items), 2, amp="none")
     assert not trainer.amp and "ignored" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.finetune"):
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.engines.amp"):
         trainer, _ = build_finetune(tiny_classifier(2), loader(items), loader(items), 2, amp="bf16")
     assert not trainer.amp and "amp=bf16 is ignored" in caplog.text  # CPU
 

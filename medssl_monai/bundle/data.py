@@ -226,7 +226,7 @@ def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_siz
     one the backbone was pretrained with) sets the flips: its ``hflip_prob``/``vflip_prob`` (``chest_xray``:
     no flips, laterality is a cue; ``dermatology``: both); without one, horizontal flips with p = 0.5.
     """
-    from ..engines.finetune import LabelEncoder
+    from ..data.labels import LabelEncoder
     from ..transforms import RandomResizedCropd
 
     encoder = LabelEncoder(list(classes), multi_label=multi_label)
@@ -256,7 +256,7 @@ def fit_classes(rows: pd.DataFrame, class_names: Sequence[str] | None = None, mu
     """The class list: ``class_names`` when given (their order is the logits' order), else sorted labels."""
     if class_names:
         return [str(c) for c in class_names]
-    from ..engines.finetune import LabelEncoder
+    from ..data.labels import LabelEncoder
 
     labels = rows["label"].dropna() if "label" in rows.columns else []
     if len(labels) == 0:

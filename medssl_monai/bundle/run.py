@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "save_pretraining_outputs",
     "setup_run",
     "write_embeddings",
+    "write_metrics",
     "write_predictions",
 ]
 
@@ -120,9 +123,12 @@ def bundle_classes(bundle_root: str | os.PathLike) -> list[str]:
     return [channel_def[str(i)] for i in range(len(channel_def))]
 
 
-def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root: str | os.PathLike) -> Path:
-    """``models/model.pt`` (the whole classifier), ``models/classes.json`` (logit order) and the metadata's
-    output ``channel_def``/``num_channels`` set to those classes (what MONAI Label reads), all atomically."""
+def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root: str | os.PathLike,
+                            architecture: Mapping[str, Any] | None = None) -> Path:
+    """``models/model.pt`` (the whole classifier), ``models/classes.json`` (logit order), with ``architecture``
+    ``models/architecture.json`` (what rebuilds the network: a copied bundle's ``inference.json`` and
+    ``evaluate.json`` read it), and the metadata's input/output ``num_channels``, input ``spatial_shape`` and
+    output ``channel_def`` (what MONAI Label and ``verify_net_in_out`` read), all atomically."""
     from ..engines.checkpoint import save_model_atomic
     from .distributed import is_main, unwrap
 
@@ -137,6 +143,15 @@ def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root:
     out = next(iter(meta["network_data_format"]["outputs"].values()))
     out["num_channels"] = len(classes)
     out["channel_def"] = {str(i): c for i, c in enumerate(classes)}
+    if architecture is not None:
+        arch = {**dict(architecture), "classes": list(classes)}
+        atomic_write_text(models / "architecture.json", json.dumps(arch, indent=1) + "\n")
+        inp = next(iter(meta["network_data_format"]["inputs"].values()))
+        channels = int(arch["in_channels"])
+        inp["num_channels"] = channels
+        inp["spatial_shape"] = [int(arch["image_size"])] * 2
+        inp["channel_def"] = {"0": "R", "1": "G", "2": "B"} if channels == 3 else (
+            {"0": "intensity"} if channels == 1 else {str(i): f"channel {i}" for i in range(channels)})
     atomic_write_text(meta_file, json.dumps(meta, indent=2) + "\n")
     logger.info("saved %s with classes %s", models / "model.pt", list(classes))
     return models / "model.pt"
@@ -183,8 +198,13 @@ def evaluate_classifier(network: nn.Module, loader: torch.utils.data.DataLoader,
     if not multi_label:
         ConfusionMatrixWriter(out, classes).attach(evaluator)
     evaluator.run()
+    return write_metrics(evaluator, out)
+
+
+def write_metrics(evaluator: Any, output_dir: str | os.PathLike) -> dict[str, float]:
+    """The scalar metrics of an evaluator's last run as ``output_dir/metrics.json`` (atomic) and in the log."""
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float)) or
                (torch.is_tensor(v) and v.numel() == 1)}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     logger.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

@@ -2,18 +2,28 @@
 
 from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
 from .grouping import LEVELS, MultiInstanceIndex
+from .labels import EncodeLabeld, LabelEncoder
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
 from .pairs import ContrastivePairDataset
 from .pseudonymize import Pseudonymizer, load_or_create_salt
 from .reader import LoadManifestImage, LoadManifestImaged, MissingCodecError, read_dicom_frame, read_series
-from .splits import LeakageError, check_no_leakage, fraction_column, nested_label_fractions, split_groups
+from .splits import (
+    LeakageError,
+    check_no_leakage,
+    fraction_column,
+    nested_label_fractions,
+    select_labelled,
+    split_groups,
+)
 from .table import table_to_manifest
 
 __all__ = [
     "LEVELS",
     "MANIFEST_COLUMNS",
     "ContrastivePairDataset",
+    "EncodeLabeld",
     "IndexResult",
+    "LabelEncoder",
     "LeakageError",
     "LoadManifestImage",
     "LoadManifestImaged",
@@ -31,6 +41,7 @@ __all__ = [
     "read_dicom_header",
     "read_manifest",
     "read_series",
+    "select_labelled",
     "split_groups",
     "summarize",
     "table_to_manifest",

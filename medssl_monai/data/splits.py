@@ -7,6 +7,7 @@ crossing group an error, not a warning.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -15,7 +16,16 @@ import pandas as pd
 
 from .grouping import LEVELS
 
-__all__ = ["LeakageError", "check_no_leakage", "fraction_column", "nested_label_fractions", "split_groups"]
+__all__ = [
+    "LeakageError",
+    "check_no_leakage",
+    "fraction_column",
+    "nested_label_fractions",
+    "select_labelled",
+    "split_groups",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class LeakageError(ValueError):
@@ -141,3 +151,62 @@ def nested_label_fractions(
         if split_col is not None:
             out[fraction_column(f)] &= (out[split_col] == train_value).fillna(False)
     return out
+
+
+# ------------------------------------------------------------------- label fractions for fine-tuning
+def _as_bool(s: pd.Series) -> pd.Series:
+    """Flag column as booleans; a CSV read as text gives ``"True"``/``"False"`` strings."""
+    if pd.api.types.is_bool_dtype(s):
+        return s.fillna(False).astype(bool)
+    if pd.api.types.is_numeric_dtype(s):
+        return s.fillna(0).astype(float) != 0
+    return s.astype("string").str.strip().str.lower().isin(["true", "1", "yes", "y", "t"]).fillna(False)
+
+
+def select_labelled(
+    df: pd.DataFrame,
+    label_fraction: float,
+    split_col: str = "split",
+    train_value: str = "train",
+    seed: int = 0,
+    *,
+    label_col: str = "label",
+    group_col: str = "patient_id",
+) -> pd.DataFrame:
+    """The labelled training rows for ``label_fraction`` (a copy, original index kept).
+
+    * ``1.0``: every training row;
+    * a shipped flag column ``labeled_<p>pct`` (:func:`fraction_column`, e.g. HAM10000's
+      ``labeled_10pct``) is used as it is, so published subsets are reproduced exactly;
+    * otherwise groups are drawn with :func:`nested_label_fractions` (whole patients,
+      stratified, nested across fractions for a given ``seed``) among the labelled training rows.
+
+    Rows without a label are dropped (and their number logged): they can serve pretraining, not fine-tuning.
+    """
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}.")
+    for col in (split_col, label_col):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} not found; columns are {list(df.columns)}.")
+    train = df[(df[split_col].astype("string") == train_value).fillna(False)]
+    if train.empty:
+        raise ValueError(f"no training rows ({split_col} == {train_value!r}).")
+    column = fraction_column(label_fraction)
+    if label_fraction >= 1.0:
+        chosen = train
+    elif column in df.columns:
+        chosen = train[_as_bool(train[column])]
+        logger.info("label fraction %g: using the shipped column %r", label_fraction, column)
+    else:
+        labelled = train[train[label_col].notna()]
+        if labelled.empty:
+            raise ValueError("no labelled training rows.")
+        marked = nested_label_fractions(labelled, (label_fraction,), group_col=group_col, label_col=label_col,
+                                        split_col=None, seed=seed)
+        chosen = labelled[marked[column].to_numpy(dtype=bool)]
+        logger.info("label fraction %g: drew %d groups (seed %d)", label_fraction,
+                    chosen[group_col].nunique(), seed)
+    missing = chosen[label_col].isna()
+    if missing.any():
+        logger.info("select_labelled: dropped %d training row(s) without a label", int(missing.sum()))
+    return chosen[~missing].copy()

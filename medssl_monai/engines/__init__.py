@@ -1,5 +1,6 @@
-"""Training engines: the contrastive step and trainer (phases 1-2), fine-tuning (phase 3), metrics, handlers."""
+"""Training engines: the contrastive step and trainer (phases 1-2), fine-tuning handlers (phase 3), metrics."""
 
+from .amp import amp_dtype, autocast_kwargs
 from .checkpoint import (
     RNGState,
     TrainingCheckpoint,
@@ -10,16 +11,7 @@ from .checkpoint import (
     save_model_atomic,
 )
 from .contrastive import ContrastiveTrainer
-from .finetune import (
-    CLASS_WEIGHT_MODES,
-    EncodeLabeld,
-    IndexCrossEntropyLoss,
-    LabelEncoder,
-    MultiHotBCEWithLogitsLoss,
-    build_finetune,
-    class_weights,
-    select_labelled,
-)
+from .finetune import EvaluatorBest, LearningRateLogger
 from .knn import KNNMonitor, extract_features, knn_accuracy, knn_predict
 from .metrics import (
     ClassAUCMetric,
@@ -37,26 +29,23 @@ from .step import ContrastiveStep
 from .tb_images import ViewPairsImageHandler, view_pairs_grid
 
 __all__ = [
-    "CLASS_WEIGHT_MODES",
     "ClassAUCMetric",
     "ConfusionMatrixWriter",
     "ContrastiveStep",
     "ContrastiveTrainer",
-    "EncodeLabeld",
-    "IndexCrossEntropyLoss",
+    "EvaluatorBest",
     "KNNMonitor",
-    "LabelEncoder",
-    "MultiHotBCEWithLogitsLoss",
+    "LearningRateLogger",
     "RNGState",
     "ReseedEachEpoch",
     "TrainingCheckpoint",
     "UnsafeCheckpointError",
     "ViewPairsImageHandler",
     "accuracy",
+    "amp_dtype",
     "attach_classification_metrics",
+    "autocast_kwargs",
     "balanced_accuracy",
-    "build_finetune",
-    "class_weights",
     "classification_metrics",
     "confusion_matrix",
     "extract_features",
@@ -68,6 +57,5 @@ __all__ = [
     "multilabel_auc",
     "roc_auc_ovr",
     "save_model_atomic",
-    "select_labelled",
     "view_pairs_grid",
 ]

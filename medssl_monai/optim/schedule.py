@@ -1,4 +1,5 @@
-"""Per-iteration learning-rate schedules and batch-size scaling rules from SimCLR."""
+"""Learning-rate schedules (per iteration for pretraining, per epoch for fine-tuning) and SimCLR's batch-size
+scaling rules."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 from typing import Literal
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, LRScheduler
 
-__all__ = ["scale_lr", "warmup_cosine", "warmup_cosine_scheduler"]
+__all__ = ["epoch_scheduler", "scale_lr", "warmup_cosine", "warmup_cosine_scheduler"]
 
 
 def warmup_cosine(
@@ -60,3 +61,14 @@ def scale_lr(base_lr: float, batch_size: int, rule: Literal["linear", "sqrt"] = 
     if rule == "sqrt":
         return base_lr * math.sqrt(batch_size)
     raise ValueError(f"rule must be 'linear' or 'sqrt', got {rule!r}.")
+
+
+def epoch_scheduler(optimizer: Optimizer, schedule: str = "cosine", max_epochs: int = 1) -> LRScheduler:
+    """A per-epoch schedule for fine-tuning: ``"cosine"`` (each group's lr to 0 at ``max_epochs``, as in
+    SimCLR's and MICLe's fine-tuning) or ``"constant"``. Always a scheduler, so a checkpoint's contents do not
+    depend on the choice."""
+    if schedule == "cosine":
+        return CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)))
+    if schedule == "constant":
+        return ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {schedule!r}.")
