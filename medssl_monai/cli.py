@@ -217,6 +217,25 @@ def cmd_transfusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results_to_dicom(args: argparse.Namespace) -> int:
+    from .data.credentials import load_credentials
+    from .data.pacs_errors import PacsError
+    from .results_sr import results_to_dicom, stow_files
+
+    predictions = Path(args.predictions or Path(args.bundle) / "output" / "predictions.csv")
+    try:
+        creds = load_credentials(args.auth_file) if args.stow else None
+        table = results_to_dicom(predictions, args.manifest, args.bundle, args.out)
+        print(f"SR objects:            {len(table)} -> {args.out} (keyed table: {Path(args.out) / 'results.csv'})")
+        if args.stow:
+            sent = stow_files(args.stow, [Path(args.out) / f for f in table["sr_file"]], creds, args.ca_bundle)
+            print(f"sent (STOW-RS):        {sent}")
+    except (PacsError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _json_arg(text: str | None, flag: str) -> dict:
     """A JSON object given on the command line (e.g. a slimmed net's ``{"block_inplanes": [...]}``)."""
     if not text:
@@ -335,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="re-run finished runs")
     s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
     s.set_defaults(func=cmd_transfusion)
+
+    s = sub.add_parser("results-to-dicom", help="classifier predictions -> DICOM SR per image (optionally STOW-RS)")
+    s.add_argument("--bundle", required=True, help="the trained fine-tuning bundle (its metadata and models/model.pt)")
+    s.add_argument("--manifest", required=True,
+                   help="the manifest predicted on; a pseudonymised one needs its private .pathmap.csv beside it")
+    s.add_argument("--predictions", default=None, help="predictions CSV (default: <bundle>/output/predictions.csv)")
+    s.add_argument("--out", required=True, help="folder for the SR files and results.csv (private: original UIDs)")
+    s.add_argument("--stow", metavar="URL", help="DICOMweb root to store the SR objects in (credentials as for index)")
+    s.add_argument("--auth-file", help="file of one line, 'user:password' or a bearer token (chmod 600)")
+    s.add_argument("--ca-bundle", help="PEM file of the hospital CA")
+    s.set_defaults(func=cmd_results_to_dicom)
 
     s = sub.add_parser("similarity", help="layer-wise SVCCA/CKA between two models' stages on the same images")
     s.add_argument("ckpt_a")
