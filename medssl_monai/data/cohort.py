@@ -155,8 +155,10 @@ class CohortFilter:
     def server_keys(self) -> tuple[dict[str, str], dict[str, str]]:
         """Matching keys a PACS can apply itself: (study level, series level).
 
-        Lists of values are not sent (DICOM has no list matching for code strings): the server returns more
-        and :meth:`match_series` keeps the cohort; it also re-checks what a server did filter.
+        Lists of values are not sent (DICOM has no list matching for code strings), nor the series
+        description pattern (wildcard support differs between servers: Orthanc's QIDO-RS, for one, matches
+        no wildcard and no value with a space); the server returns more and :meth:`match_series` keeps the
+        cohort, re-checking what a server did filter too.
         """
         study = {"StudyDate": self.dicom_date_range} if self.study_date else {}
         series: dict[str, str] = {}
@@ -164,6 +166,4 @@ class CohortFilter:
             series["Modality"] = self.modality[0]
         if len(self.body_part) == 1:
             series["BodyPartExamined"] = self.body_part[0]
-        if self.series_description:
-            series["SeriesDescription"] = self.series_description
         return study, series
