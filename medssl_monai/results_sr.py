@@ -214,6 +214,7 @@ def stow_files(url: str, files: list[str | os.PathLike], credentials: Credential
     name = server_name(url)
     client = DICOMwebClient(url.rstrip("/"), session=make_session(credentials or Credentials(), ca_bundle),
                             timeout=timeout)
+    client.set_http_retry_params(retry=False)  # a refused or failing server gives its one line at once
     sent = 0
     for i in range(0, len(files), batch):
         datasets = [pydicom.dcmread(f) for f in files[i : i + batch]]

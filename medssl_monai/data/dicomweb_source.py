@@ -99,7 +99,9 @@ class _Server:
             from dicomweb_client import DICOMwebClient
 
             session = make_session(self.credentials, self.ca_bundle)
-            self._local.client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
+            client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
+            client.set_http_retry_params(retry=False)  # one retry policy (ours), bounded by ``retries``
+            self._local.client = client
         return self._local.client
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
