@@ -183,6 +183,33 @@ def test_auth_file_must_be_private(tmp_path, monkeypatch):
         load_credentials()
 
 
+def test_tls_verification_on_by_default_and_ca_bundle(tmp_path):
+    from medssl_monai.data.credentials import Credentials, make_session
+
+    assert make_session(Credentials()).verify is True
+    ca = tmp_path / "hospital-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert make_session(Credentials(), ca).verify == str(ca)
+    with pytest.raises(PacsError, match="--ca-bundle"):
+        make_session(Credentials(), tmp_path / "missing.pem")
+    bearer = make_session(Credentials("bearer", "", "tok-123"))
+    assert bearer.headers["Authorization"] == "Bearer tok-123" and bearer.auth is None
+
+
+@pytest.mark.parametrize("status, words", [(401, "refused the credentials"), (403, "denied access"),
+                                           (404, "check the URL"), (503, "HTTP 503")])
+def test_http_failures_are_one_line_naming_the_server(status, words):
+    import requests
+
+    from medssl_monai.data.pacs_errors import describe_http_error
+
+    resp = requests.Response()
+    resp.status_code, resp.reason = status, "x"
+    err = describe_http_error("https://pacs/dicom-web", requests.HTTPError(response=resp))
+    assert str(err).startswith("https://pacs/dicom-web") and words in str(err) and "\n" not in str(err)
+    assert err.fatal == (status in (401, 403))
+
+
 # ---------------------------------------------------------------- index through the network
 
 
