@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test lint demo sample-data bench clean
+.PHONY: venv test lint demo sample-data bench clean monai-label-env
 
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_index.py
+
+# MONAI Label 0.8.5 in its own venv (about 6 minutes; kept between runs): scripts/monai_label_env.sh
+monai-label-env:
+	PYTHON=$(PYTHON) scripts/monai_label_env.sh .monailabel-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -51,6 +51,48 @@ def _bar_callback(bar):
     return update
 
 
+def _cohort(args: argparse.Namespace):
+    from .data.cohort import CohortFilter
+
+    return CohortFilter.create(args.modality, args.body_part, args.study_date, args.series_description)
+
+
+def cmd_index_pacs(args: argparse.Namespace) -> int:
+    """``medssl index --dicomweb URL`` / ``--dimse HOST:PORT``: fetch the cohort into the cache, index the cache."""
+    import pandas as pd
+
+    from .data.credentials import load_credentials
+    from .data.pacs_errors import PacsError
+    from .data.pacs_index import index_pacs
+    from .data.pseudonymize import Pseudonymizer
+
+    if args.root or (args.dicomweb and args.dimse):
+        print("error: give one source: a folder, --dicomweb URL or --dimse HOST:PORT", file=sys.stderr)
+        return 2
+    try:
+        cohort = _cohort(args)
+        creds = load_credentials(args.auth_file) if args.dicomweb else None
+        pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
+        labels = pd.read_csv(args.labels, dtype="string") if args.labels else None
+        fetch, result = index_pacs(
+            args.out, dicomweb=args.dicomweb, dimse=args.dimse, cohort=cohort, cache=args.cache, credentials=creds,
+            ca_bundle=args.ca_bundle, calling_ae=args.calling_ae, called_ae=args.called_ae,
+            download_workers=args.download_workers, timeout=args.timeout, workers=args.workers, pseudonymizer=pz,
+            incremental=not args.full, expand_frames=args.expand_frames, labels=labels, label_key=args.label_key,
+            label_column=args.label_col)
+    except (PacsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"fetched:               {fetch.fetched} of {fetch.instances} selected instances "
+          f"({fetch.already_cached} already cached, {fetch.failed} failed) from {fetch.server}")
+    _print_summary(result.stats, Path(args.out), pz is not None)
+    if fetch.failed:
+        print(f"error: {fetch.failed} instance(s) could not be fetched; run the same command again to fetch them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -58,6 +100,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .data.manifest import errors_path
     from .data.pseudonymize import Pseudonymizer
 
+    if args.dicomweb or args.dimse:
+        return cmd_index_pacs(args)
+    if not args.root:
+        print("error: give a folder to index, --dicomweb URL or --dimse HOST:PORT", file=sys.stderr)
+        return 2
+    try:
+        cohort = _cohort(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     root = Path(args.root)
     if not root.exists():
         print(f"error: {root}: no such file or folder", file=sys.stderr)
@@ -72,7 +124,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         result = index_tree(root, args.out, workers=args.workers, pseudonymizer=pz, incremental=not args.full,
                             expand_frames=args.expand_frames, labels=labels, label_key=args.label_key,
-                            label_column=args.label_col, progress=_bar_callback(bar) if bar is not None else None)
+                            label_column=args.label_col, progress=_bar_callback(bar) if bar is not None else None,
+                            cohort=cohort)
     finally:
         if bar is not None:
             bar.close()
@@ -164,6 +217,25 @@ def cmd_transfusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results_to_dicom(args: argparse.Namespace) -> int:
+    from .data.credentials import load_credentials
+    from .data.pacs_errors import PacsError
+    from .results_sr import results_to_dicom, stow_files
+
+    predictions = Path(args.predictions or Path(args.bundle) / "output" / "predictions.csv")
+    try:
+        creds = load_credentials(args.auth_file) if args.stow else None
+        table = results_to_dicom(predictions, args.manifest, args.bundle, args.out)
+        print(f"SR objects:            {len(table)} -> {args.out} (keyed table: {Path(args.out) / 'results.csv'})")
+        if args.stow:
+            sent = stow_files(args.stow, [Path(args.out) / f for f in table["sr_file"]], creds, args.ca_bundle)
+            print(f"sent (STOW-RS):        {sent}")
+    except (PacsError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _json_arg(text: str | None, flag: str) -> dict:
     """A JSON object given on the command line (e.g. a slimmed net's ``{"block_inplanes": [...]}``)."""
     if not text:
@@ -216,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("index", help="index a DICOM/NIfTI folder tree (headers only) into a manifest CSV")
-    s.add_argument("root", help="folder (a PACS export, with or without DICOMDIR) or a single file")
+    s.add_argument("root", nargs="?", help="folder (a PACS export, with or without DICOMDIR) or a single file")
     s.add_argument("--out", required=True, help="manifest CSV; errors go to <out>.errors.csv")
     s.add_argument("--workers", type=int, default=1, help="processes reading headers in parallel")
     s.add_argument("--pseudonymize", metavar="SALT_FILE",
@@ -226,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="CSV of labels joined on --label-key (original, un-hashed ids)")
     s.add_argument("--label-key", default="patient_id", help="patient_id | study_uid | series_uid | sop_uid")
     s.add_argument("--label-col", default="label", help="column of --labels holding the label")
+    g = s.add_argument_group("cohort filters (DICOM matching on the headers; also sent to a PACS)")
+    g.add_argument("--modality", help="Modality values, comma-separated, e.g. CR,DX")
+    g.add_argument("--body-part", help="BodyPartExamined values, comma-separated, e.g. CHEST")
+    g.add_argument("--study-date", help="StudyDate range YYYYMMDD-YYYYMMDD (either end may be left open)")
+    g.add_argument("--series-description", help="SeriesDescription pattern with * and ? (case-sensitive)")
+    g = s.add_argument_group("PACS source (instead of a folder); see docs/pacs.md")
+    g.add_argument("--dicomweb", metavar="URL", help="DICOMweb root, e.g. https://pacs/dicom-web; credentials from "
+                   "MEDSSL_DICOMWEB_USER+MEDSSL_DICOMWEB_PASSWORD, MEDSSL_DICOMWEB_TOKEN or --auth-file")
+    g.add_argument("--dimse", metavar="HOST:PORT", help="classic DICOM: C-FIND, then C-GET")
+    g.add_argument("--calling-ae", default="MEDSSL", help="our AE title (DIMSE)")
+    g.add_argument("--called-ae", default="ANY-SCP", help="the PACS's AE title (DIMSE)")
+    g.add_argument("--cache", default=None, help="folder for the fetched DICOM (default: <out stem>.cache beside --out)")
+    g.add_argument("--auth-file", help="file of one line, 'user:password' or a bearer token; must be private (chmod 600)")
+    g.add_argument("--ca-bundle", help="PEM file of the hospital CA (TLS verification is always on)")
+    g.add_argument("--download-workers", type=int, default=4, help="parallel downloads")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("table", help="turn a CSV of image paths with a group column into a manifest")
@@ -268,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="re-run finished runs")
     s.add_argument("--validate-only", action="store_true", help="check the config and data, run nothing")
     s.set_defaults(func=cmd_transfusion)
+
+    s = sub.add_parser("results-to-dicom", help="classifier predictions -> DICOM SR per image (optionally STOW-RS)")
+    s.add_argument("--bundle", required=True, help="the trained fine-tuning bundle (its metadata and models/model.pt)")
+    s.add_argument("--manifest", required=True,
+                   help="the manifest predicted on; a pseudonymised one needs its private .pathmap.csv beside it")
+    s.add_argument("--predictions", default=None, help="predictions CSV (default: <bundle>/output/predictions.csv)")
+    s.add_argument("--out", required=True, help="folder for the SR files and results.csv (private: original UIDs)")
+    s.add_argument("--stow", metavar="URL", help="DICOMweb root to store the SR objects in (credentials as for index)")
+    s.add_argument("--auth-file", help="file of one line, 'user:password' or a bearer token (chmod 600)")
+    s.add_argument("--ca-bundle", help="PEM file of the hospital CA")
+    s.set_defaults(func=cmd_results_to_dicom)
 
     s = sub.add_parser("similarity", help="layer-wise SVCCA/CKA between two models' stages on the same images")
     s.add_argument("ckpt_a")

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PHASES", "load_pipeline_config", "run_pipeline"]
+__all__ = ["PHASES", "POST_PHASES", "load_pipeline_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ _RUNS_IN = {"evaluate": "finetune", "predict": "finetune", "embed": "micle"}
 #: the file whose presence marks a phase as done
 _DONE = {"evaluate": "output/evaluate_done.json", "predict": "output/predictions.csv",
          "embed": "output/embeddings.csv"}
+#: phases that are not bundles: name -> the phase whose output they need
+POST_PHASES = {"results_to_pacs": "predict"}
+#: ``data`` keys naming a PACS source (instead of ``dicom_root``), and the cohort filter for any source
+DATA_SOURCE_KEYS = ("dicom_root", "dicomweb", "dimse", "manifest")
+DATA_COHORT_KEY = "cohort"
+_SECRET_KEYS = {"password", "token", "user", "username", "secret", "auth"}
 
 
 def load_pipeline_config(path: str | os.PathLike, required: str = "phases") -> dict[str, Any]:
@@ -106,13 +112,49 @@ def _bundles_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg.get("bundles_dir") or REPO_BUNDLES)
 
 
+def _source_args(data: Mapping[str, Any], base: Path) -> list[str]:
+    """``medssl index`` arguments for the data source: a folder, ``dicomweb`` or ``dimse`` (+ the cohort).
+
+    ``dicomweb`` is a URL or ``{url, auth_file, ca_bundle, cache, download_workers, timeout}``; ``dimse`` is
+    ``HOST:PORT`` or ``{address, calling_ae, called_ae, cache, timeout}``. Credentials never go in a config
+    (the run folder keeps copies of it): the environment or an ``auth_file`` carries them.
+    """
+    sources = [k for k in ("dicom_root", "dicomweb", "dimse") if data.get(k)]
+    if len(sources) != 1:
+        raise ValueError(f"data: give exactly one of dicom_root, dicomweb, dimse (got {sources or 'none'})")
+    kind = sources[0]
+    if kind == "dicom_root":
+        args = [_resolve(data["dicom_root"], base)]
+    else:
+        spec = data[kind] if isinstance(data[kind], Mapping) else {"url" if kind == "dicomweb" else "address": data[kind]}
+        secrets = sorted(k for k in spec if k.lower() in _SECRET_KEYS)
+        if secrets:
+            raise ValueError(f"data.{kind}: {secrets} must not be in a config (it is copied into the run folder): "
+                             "use MEDSSL_DICOMWEB_USER/MEDSSL_DICOMWEB_PASSWORD, MEDSSL_DICOMWEB_TOKEN or auth_file")
+        known = {"dicomweb": {"url", "auth_file", "ca_bundle", "cache", "download_workers", "timeout"},
+                 "dimse": {"address", "calling_ae", "called_ae", "cache", "timeout"}}[kind]
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"data.{kind}: unknown keys {unknown} (known: {sorted(known)})")
+        main_key = "url" if kind == "dicomweb" else "address"
+        args = [f"--{kind}", str(spec[main_key])]
+        for key, value in spec.items():
+            if key != main_key and value is not None:
+                value = _resolve(value, base) if key in ("auth_file", "ca_bundle", "cache") else value
+                args += [f"--{key.replace('_', '-')}", str(value)]
+    from .data.cohort import CohortFilter
+
+    return args + CohortFilter.from_config(data.get(DATA_COHORT_KEY)).command_line()
+
+
 def prepare_data(cfg: Mapping[str, Any], run_dir: Path, force: bool = False) -> Path | None:
-    """Index a DICOM tree (pseudonymised, labels joined) and split it by patient; or use a given manifest."""
+    """Index a DICOM tree or a PACS cohort (pseudonymised, labels joined) and split it by patient; or use a
+    given manifest."""
     data = cfg.get("data") or {}
     base = Path(cfg["_base"])
     if "manifest" in data:
         return Path(_resolve(data["manifest"], base))
-    if "dicom_root" not in data:
+    if not any(data.get(k) for k in ("dicom_root", "dicomweb", "dimse")):
         return None
     from .cli import main as cli
 
@@ -120,13 +162,13 @@ def prepare_data(cfg: Mapping[str, Any], run_dir: Path, force: bool = False) -> 
     if manifest.is_file() and not force:
         logger.info("data: %s exists, kept (use --force to rebuild)", manifest)
         return manifest
-    args = ["index", _resolve(data["dicom_root"], base), "--out", str(manifest), "--full"]
+    args = ["index", *_source_args(data, base), "--out", str(manifest), "--full"]
     if data.get("pseudonymize", True):
         args += ["--pseudonymize", str(run_dir / "data" / "salt.key")]
     if data.get("labels"):
         args += ["--labels", _resolve(data["labels"], base)]
     if cli(args) != 0:
-        raise RuntimeError(f"indexing {data['dicom_root']} failed")
+        raise RuntimeError(f"indexing {args[1]} failed")
     split = data.get("split", {"train": 0.6, "val": 0.2, "test": 0.2})
     fractions = ",".join(f"{k}={v}" for k, v in split.items())
     label_fractions = ",".join(str(f) for f in data.get("label_fractions", [0.1, 0.2, 1.0]))
@@ -256,6 +298,29 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
     return out
 
 
+def run_results_to_pacs(spec: Mapping[str, Any], predict_root: Path, manifest: Path, run_dir: Path, base: Path,
+                        force: bool = False) -> Path:
+    """The results-to-PACS phase: an SR per predicted image in ``run_dir/results_to_pacs`` (private: original
+    UIDs), sent by STOW-RS when ``spec`` has ``stow`` (a DICOMweb URL; ``auth_file``/``ca_bundle`` optional)."""
+    from .cli import main as cli
+
+    out = run_dir / "results_to_pacs"
+    if (out / "results.csv").is_file() and not force:
+        logger.info("results_to_pacs: %s exists, skipped (use --force to re-run)", out / "results.csv")
+        return out
+    unknown = sorted(set(spec) - {"stow", "auth_file", "ca_bundle"})
+    if unknown:
+        raise ValueError(f"phases.results_to_pacs: unknown keys {unknown} (stow, auth_file, ca_bundle); credentials "
+                         "come from the environment or auth_file")
+    args = ["results-to-dicom", "--bundle", str(predict_root), "--manifest", str(manifest), "--out", str(out)]
+    for key in ("stow", "auth_file", "ca_bundle"):
+        if spec.get(key):
+            args += [f"--{key.replace('_', '-')}", str(_resolve(spec[key], base) if key != "stow" else spec[key])]
+    if cli(args) != 0:
+        raise RuntimeError("results_to_pacs failed (see the message above)")
+    return out
+
+
 def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict[str, Path]:
     """Run every phase named in the config's ``phases`` (in PHASES order), handing checkpoints over."""
@@ -285,6 +350,11 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
             overrides.pop("pretrained_ckpt", None)
         overrides.update({k: _resolve(v, base) for k, v in (phase or {}).items()})
         roots[name] = run_phase(name, cfg, run, overrides, force)
+    sr_phase = cfg["phases"].get("results_to_pacs")
+    if sr_phase is not None and sr_phase is not False:
+        if "predict" not in roots or manifest is None:
+            raise ValueError("phase 'results_to_pacs' needs phase 'predict' and a data manifest in the same config")
+        roots["results_to_pacs"] = run_results_to_pacs(sr_phase or {}, roots["predict"], manifest, run, base, force)
     if cfg.get("label_efficiency") and manifest is not None and "finetune" in roots:
         run_label_efficiency(cfg, run, manifest, json.loads((run / "configs" / "finetune.json").read_text()), force,
                              finetune_root=roots["finetune"])

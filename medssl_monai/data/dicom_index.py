@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from .cohort import CohortFilter
 from .manifest import (
     ERROR_COLUMNS,
     MANIFEST_COLUMNS,
@@ -111,7 +112,7 @@ def _int_or_none(value: Any) -> int | None:
 _KEYWORDS = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "BodyPartExamined",
     "ViewPosition", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "PhotometricInterpretation",
-    "NumberOfFrames", "Rows", "Columns",
+    "NumberOfFrames", "Rows", "Columns", "StudyDate", "SeriesDescription",
 )
 _TAGS = {kw: Tag(kw) for kw in _KEYWORDS}
 #: Only these elements are parsed; the rest of the header is skipped over, which is what makes the index
@@ -217,6 +218,10 @@ def read_dicom_header(path: str, size: int | None = None) -> dict[str, Any]:
                 "photometric": _text(ds, "PhotometricInterpretation"),
                 "transfer_syntax": str(tsyntax),
                 "source": "dicom",
+                # for cohort filters only (not manifest columns)
+                "study_date": _text(ds, "StudyDate"),
+                "series_description": _text(ds, "SeriesDescription") if charset in _ASCII_CHARSETS
+                else str(ds.get("SeriesDescription", "")).strip(),
             }
         except SkipFile:
             raise
@@ -358,6 +363,7 @@ def index_tree(
     label_column: str = "label",
     progress: Callable[[int, int], None] | None = None,
     chunk_size: int = _CHUNK,
+    cohort: CohortFilter | None = None,
 ) -> IndexResult:
     """Index every file under ``root``; write ``out`` (+ ``.errors.csv``, ``.meta.json``) when given.
 
@@ -370,6 +376,8 @@ def index_tree(
         labels: a table joined on ``label_key`` (original, un-pseudonymised values) giving ``label_column``.
         progress: called with (files just processed, total files) for a progress bar.
         chunk_size: files per task handed to a worker process.
+        cohort: keep only images whose header matches (modality, body part, study date, series
+            description); the others are counted in ``stats["excluded"]``, neither indexed nor errors.
     """
     t0 = time.perf_counter()
     silence_pydicom_logger()
@@ -385,6 +393,8 @@ def index_tree(
         "salt_fingerprint": pseudonymizer.fingerprint if pseudonymizer else None,
         "expand_frames": expand_frames,
     }
+    if cohort is not None and not cohort.empty:  # absent otherwise: manifests made before cohorts stay reusable
+        meta["cohort"] = cohort.as_dict()
     stamps: dict[str, tuple[int, int]] = {}
     prev_manifest = pd.DataFrame(columns=MANIFEST_COLUMNS)
     prev_errors = pd.DataFrame(columns=ERROR_COLUMNS)
@@ -426,9 +436,13 @@ def index_tree(
 
     new_rows: list[dict] = []
     new_errors: list[dict] = []
+    excluded = 0
     for path, size, mtime, rows, code, reason in results:
         if rows is None:
             new_errors.append({"path": path, "reason": reason, "code": code, "file_size": size, "file_mtime_ns": mtime})
+            continue
+        if cohort is not None and not cohort.matches(rows[0]):
+            excluded += 1
             continue
         for row in rows:
             if pseudonymizer is not None:
@@ -451,7 +465,7 @@ def index_tree(
         errors = _typed_errors(errors).sort_values("path", kind="stable").reset_index(drop=True)
 
     stats = summarize(manifest, errors)
-    stats.update(files_seen=len(files), files_read=len(to_read), files_reused=len(reuse),
+    stats.update(files_seen=len(files), files_read=len(to_read), files_reused=len(reuse), excluded=excluded,
                  seconds=round(time.perf_counter() - t0, 3))
     if out_p is not None and not unchanged:  # an unchanged tree leaves the files (and their mtimes) alone
         write_index(out_p, manifest, errors, pseudonymizer, meta)
