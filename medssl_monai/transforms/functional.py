@@ -223,36 +223,39 @@ def gaussian_kernel1d(
     return k / k.sum(dim=-1, keepdim=True)
 
 
-def _weighted_taps(x: torch.Tensor, taps: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """``sum_i taps[i] * x.narrow(dim, i, size)``; ``taps`` is ``(K,)`` (shared) or ``(B, K)`` (per item)."""
-    n = taps.shape[-1]
-    if taps.ndim == 1:  # one kernel: plain float weights, the cheapest op per tap
-        w = taps.tolist()
-        out = x.narrow(dim, 0, size) * w[0]
-        for i in range(1, n):
-            out.add_(x.narrow(dim, i, size), alpha=w[i])
-        return out
-    wt = taps.to(x.dtype).view(taps.shape[0], *([1] * (x.ndim - 1)), n)
-    out = x.narrow(dim, 0, size) * wt[..., 0]
-    for i in range(1, n):
-        out.addcmul_(x.narrow(dim, i, size), wt[..., i])
+def _shifted_sum(x: torch.Tensor, taps: list[float], size: int, dim: int) -> torch.Tensor:
+    """``sum_i taps[i] * x.narrow(dim, i, size)``."""
+    out = x.narrow(dim, 0, size) * taps[0]
+    for i in range(1, len(taps)):
+        out.add_(x.narrow(dim, i, size), alpha=taps[i])
     return out
 
 
 def separable_filter(img: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor) -> torch.Tensor:
-    """Separable filter of ``(C, H, W)`` or ``(B, C, H, W)`` with reflect padding, as sums of shifted slices.
+    """Separable filter of ``(C, H, W)`` or ``(B, C, H, W)`` with reflect padding.
 
-    ``kh``/``kw`` are odd-length taps, ``(K,)`` for all or ``(B, K)`` per item. For view-sized images and
-    kernels of a few taps this is ~3x faster on the CPU than a grouped ``conv2d`` (MONAI's
-    ``separable_filtering``) and gives the same result.
+    ``kh``/``kw`` are odd-length taps: ``(K,)``, one kernel for everything, or ``(B, K)``, one per item of a
+    batch. One kernel is applied as sums of shifted slices: for view-sized images and kernels of a few taps
+    ~3x faster on the CPU than a grouped ``conv2d`` (MONAI's ``separable_filtering``). Per-item kernels go
+    through one grouped ``conv2d`` per axis for the whole batch (two kernel launches on an accelerator; on
+    the CPU also faster than the slices once the kernel has ~10 taps or more). Both compute the same sums.
     """
     height, width = img.shape[-2:]
     rh, rw = kh.shape[-1] // 2, kw.shape[-1] // 2
-    batch = img if img.ndim == 4 else img.unsqueeze(0)
-    padded = F.pad(batch, (rw, rw, rh, rh), mode="reflect")
-    padded = padded if img.ndim == 4 else padded[0]
-    rows = _weighted_taps(padded, kh, height, dim=-2)
-    return _weighted_taps(rows, kw, width, dim=-1)
+    if kh.ndim == 1 and kw.ndim == 1:
+        batch = img if img.ndim == 4 else img.unsqueeze(0)
+        padded = F.pad(batch, (rw, rw, rh, rh), mode="reflect")
+        padded = padded if img.ndim == 4 else padded[0]
+        rows = _shifted_sum(padded, kh.tolist(), height, dim=-2)
+        return _shifted_sum(rows, kw.tolist(), width, dim=-1)
+    if img.ndim != 4 or kh.shape[0] != img.shape[0] or kw.shape[0] != img.shape[0]:
+        raise ValueError(f"per-item taps {tuple(kh.shape)}, {tuple(kw.shape)} need a batch of as many items, "
+                         f"got {tuple(img.shape)}")
+    n, c = img.shape[:2]
+    wy = kh.to(img.dtype).repeat_interleave(c, 0).view(n * c, 1, -1, 1)
+    wx = kw.to(img.dtype).repeat_interleave(c, 0).view(n * c, 1, 1, -1)
+    y = F.pad(img.reshape(1, n * c, height, width), (rw, rw, rh, rh), mode="reflect")
+    return F.conv2d(F.conv2d(y, wy, groups=n * c), wx, groups=n * c).view(n, c, height, width)
 
 
 def gaussian_blur(

@@ -18,6 +18,8 @@ from medssl_monai.transforms.functional import (
     blur_kernel_side,
     crop_box_size,
     gaussian_blur,
+    gaussian_kernel1d,
+    separable_filter,
 )
 
 
@@ -119,6 +121,11 @@ def test_gaussian_blur_takes_one_sigma_per_item():
     np.testing.assert_allclose(gaussian_blur(x, 1.2, kernel_size=9)[2].numpy(), _numpy_blur(x[2].double().numpy(), 1.2, 9),
                                atol=1e-5)
     assert blur_kernel_side(224) == 23 and blur_kernel_side(64) == 7 and blur_kernel_side(2, kernel_size=9) == 3
+    per_item = gaussian_kernel1d(sigmas, 5)
+    assert per_item.shape == (4, 5)
+    torch.testing.assert_close(per_item[1], gaussian_kernel1d(0.9, 5))
+    with pytest.raises(ValueError, match="per-item taps"):
+        separable_filter(x[0], per_item, per_item)  # per-item kernels need the batch they belong to
 
 
 def test_crop_box_size_is_torchvisions_formula_for_numbers_and_arrays():
