@@ -1,139 +1,52 @@
-"""View-generation transforms for contrastive self-supervised learning (SimCLR, MICLe).
+"""Per-image view transforms (MONAI's array transforms): channel-first ``(C, H, W)`` in, same out.
 
-MONAI ships most geometric augmentations (flips, rotations, elastic) but not the pieces of the SimCLR
-recipe that come from natural-image pipelines: torchvision-style random resized crop, colour jitter with
-saturation/hue, random grayscale and an isotropic Gaussian blur whose kernel scales with the image. They
-are written here in MONAI's style (array + dictionary versions, ``Randomizable`` with ``self.R`` so
-``set_random_state`` makes pipelines reproducible, channel-first ``MetaTensor`` in and out) and
-vectorised in torch: a view pipeline has to outpace a training step on a 2-core CPU.
-
-All transforms expect channel-first float images in [0, 1] with 2 spatial dims, ``(C, H, W)``;
-:class:`EnsureFloatImage` brings any loaded image there first.
+The pieces of the SimCLR recipe that MONAI lacks or does differently: torchvision-style random resized
+crop, colour jitter with saturation/hue, random grayscale and an isotropic Gaussian blur whose kernel scales
+with the image, plus :class:`EnsureFloatImage`, which brings any loaded image to float [0, 1] first. Each is
+``Randomizable`` (draws from ``self.R``, so ``set_random_state`` makes pipelines reproducible), takes
+``randomize=False`` to apply the last draw (what the dictionary versions in :mod:`.dictionary` use to give
+every key the same draw), and keeps ``MetaTensor`` in and out. The maths is in :mod:`.functional`, shared
+with the batch path (:class:`~medssl_monai.transforms.BatchViews`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.data.utils import to_affine_nd
-from monai.transforms import (
-    Compose,
-    MapTransform,
-    Randomizable,
-    RandomizableTransform,
-    SpatialCrop,
-    Transform,
-)
+from monai.transforms import Randomizable, RandomizableTransform, SpatialCrop, Transform
 from monai.transforms.utils import scale_affine
-from monai.utils import MAX_SEED, TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple
+
+from .functional import (
+    COLOR_ADJUSTMENTS,
+    centre_crop_box,
+    crop_box_size,
+    gaussian_blur,
+    gray_to_rgb_luma,
+    resize_image,
+    rgb_to_grayscale,
+)
 
 __all__ = [
-    "LUMA_WEIGHTS",
-    "ContrastiveViewsd",
     "EnsureFloatImage",
-    "EnsureFloatImaged",
     "RandColorJitter",
-    "RandColorJitterd",
     "RandGaussianBlur",
-    "RandGaussianBlurd",
     "RandGrayscale",
-    "RandGrayscaled",
     "RandomResizedCrop",
-    "RandomResizedCropd",
-    "hsv_to_rgb",
-    "rgb_to_grayscale",
-    "rgb_to_hsv",
 ]
 
-#: ITU-R BT.601 luma weights (what PIL's ``convert("L")`` and torchvision's ``rgb_to_grayscale`` use).
-LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
-
-# --------------------------------------------------------------------------------------------------
-# functional helpers (plain tensors, channel-first, vectorised over pixels)
-# --------------------------------------------------------------------------------------------------
 def _as_plain_float(img: torch.Tensor) -> torch.Tensor:
     """Strip MetaTensor: its ``__torch_function__`` costs more than the maths on a 64x64 image."""
     t = img.as_tensor() if isinstance(img, MetaTensor) else img
     return t if t.is_floating_point() else t.float()
-
-
-def rgb_to_grayscale(img: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of a ``(..., 3, H, W)`` tensor, keeping a channel dim of size 1."""
-    r, g, b = img.unbind(dim=-3)
-    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
-
-
-def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV for ``(..., 3, H, W)`` in [0, 1]; same conventions as :func:`colorsys.rgb_to_hsv`."""
-    r, g, b = img.unbind(dim=-3)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    delta = maxc - minc
-    gray = delta == 0
-    # The ``where`` guards keep the division finite; gray pixels get h = s = 0 like colorsys.
-    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    delta_safe = torch.where(gray, torch.ones_like(delta), delta)
-    rc = (maxc - r) / delta_safe
-    gc = (maxc - g) / delta_safe
-    bc = (maxc - b) / delta_safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.remainder(h / 6.0, 1.0)
-    h = torch.where(gray, torch.zeros_like(h), h)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
-    """HSV -> RGB for ``(..., 3, H, W)``; inverse of :func:`rgb_to_hsv`.
-
-    Closed form ``c_n = v - v * s * clip(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6`` with n = 5, 3, 1
-    for R, G, B: the same values as colorsys' six-sector table in a handful of whole-image ops.
-    """
-    h, s, v = img.unbind(dim=-3)
-    # (5, 3, 1) made on the image's device: a tensor from host values would be a blocking copy to a GPU
-    offsets = (5.0 - 2.0 * torch.arange(3, dtype=img.dtype, device=img.device)).view(3, 1, 1)
-    k = torch.remainder(offsets + (h * 6.0).unsqueeze(-3), 6.0)
-    f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    v = v.unsqueeze(-3)
-    return v - (v * s.unsqueeze(-3)) * f
-
-
-def _blend(img: torch.Tensor, other: torch.Tensor | float, factor: float) -> torch.Tensor:
-    """torchvision's ``_blend``: ``factor * img + (1 - factor) * other`` clipped to [0, 1]."""
-    return (factor * img + (1.0 - factor) * other).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(img: torch.Tensor, factor: float) -> torch.Tensor:
-    return (img * factor).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
-    # Blend with the mean luminance (a scalar), as torchvision/PIL do.
-    mean = (rgb_to_grayscale(img) if img.shape[-3] == 3 else img).mean()
-    return _blend(img, mean, factor)
-
-
-def adjust_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
-    if img.shape[-3] == 1:  # a gray image has no saturation to change (torchvision/PIL behave the same)
-        return img
-    return _blend(img, rgb_to_grayscale(img), factor)
-
-
-def adjust_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
-    if img.shape[-3] == 1:  # hue is undefined on gray pixels
-        return img
-    hsv = rgb_to_hsv(img)
-    h, s, v = hsv.unbind(dim=-3)
-    h = torch.remainder(h + shift, 1.0)
-    return hsv_to_rgb(torch.stack((h, s, v), dim=-3)).clamp_(0.0, 1.0)
 
 
 def _check_2d(img: torch.Tensor, name: str) -> None:
@@ -239,30 +152,6 @@ class EnsureFloatImage(Transform):
         return (t - lo) / rng if rng > 0 else torch.zeros_like(t)
 
 
-class EnsureFloatImaged(MapTransform):
-    """Dictionary version of :class:`EnsureFloatImage`."""
-
-    backend = EnsureFloatImage.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        num_channels: int | None = None,
-        channel_dim: int | str = "auto",
-        scale: str = "auto",
-        drop_alpha: bool = True,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = EnsureFloatImage(num_channels, channel_dim, scale, drop_alpha)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
-
-
 # --------------------------------------------------------------------------------------------------
 # random resized crop
 # --------------------------------------------------------------------------------------------------
@@ -319,10 +208,8 @@ class RandomResizedCrop(Randomizable, Transform):
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(self.max_attempts):
-            target_area = area * self.R.uniform(self.scale[0], self.scale[1])
-            aspect = math.exp(self.R.uniform(log_ratio[0], log_ratio[1]))
-            w = round(math.sqrt(target_area * aspect))
-            h = round(math.sqrt(target_area / aspect))
+            fraction = self.R.uniform(self.scale[0], self.scale[1])
+            h, w = (int(v) for v in crop_box_size(area, fraction, self.R.uniform(log_ratio[0], log_ratio[1])))
             if 0 < w <= width and 0 < h <= height:
                 top = int(self.R.randint(0, height - h + 1))
                 left = int(self.R.randint(0, width - w + 1))
@@ -346,75 +233,13 @@ class RandomResizedCrop(Randomizable, Transform):
 
     def _resize(self, img: torch.Tensor) -> torch.Tensor:
         in_size = tuple(int(s) for s in img.shape[1:])
-        t = _as_plain_float(img)
-        if in_size != self.spatial_size:
-            aa = self.antialias and self.mode in ("bilinear", "bicubic")
-            align = False if self.mode in ("bilinear", "bicubic") else None
-            t = F.interpolate(
-                t.unsqueeze(0), size=self.spatial_size, mode=self.mode, align_corners=align, antialias=aa
-            )[0]
-            if self.mode == "bicubic":
-                t = t.clamp_(0.0, 1.0)
+        t = resize_image(_as_plain_float(img), self.spatial_size, self.mode, self.antialias)
         out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)
         if isinstance(out, MetaTensor) and in_size != self.spatial_size:
             affine = out.affine.to(torch.float64)
             scale = to_affine_nd(affine.shape[-1] - 1, scale_affine(in_size, self.spatial_size))
             out.affine = affine @ torch.as_tensor(scale, dtype=torch.float64)
         return out
-
-
-def centre_crop_box(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int, int, int]:
-    """torchvision's fallback when no random box fits: the largest centred crop with an allowed aspect ratio,
-    as (top, left, h, w)."""
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    return ((height - h) // 2, (width - w) // 2, h, w)
-
-
-class RandomResizedCropd(Randomizable, MapTransform):
-    """Dictionary version of :class:`RandomResizedCrop`; all keys get the same box (sized on the first)."""
-
-    backend = RandomResizedCrop.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        spatial_size: Sequence[int] | int,
-        scale: Sequence[float] = (0.08, 1.0),
-        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-        mode: str = "bilinear",
-        antialias: bool = True,
-        max_attempts: int = 10,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        self.cropper = RandomResizedCrop(spatial_size, scale, ratio, mode, antialias, max_attempts)
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
-        super().set_random_state(seed, state)
-        self.cropper.set_random_state(state=self.R)  # one stream: the dict and array versions agree
-        return self
-
-    def randomize(self, data: Sequence[int]) -> None:
-        self.cropper.R = self.R
-        self.cropper.randomize(data)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        self.randomize(d[keys[0]].shape[1:])
-        for key in keys:
-            d[key] = self.cropper(d[key], randomize=False)
-        return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,68 +317,12 @@ class RandColorJitter(RandomizableTransform):
         if not self._do_transform:
             return img
         t = _as_plain_float(img)
-        ops: tuple[Callable[[torch.Tensor, float], torch.Tensor], ...] = (
-            adjust_brightness,
-            adjust_contrast,
-            adjust_saturation,
-            adjust_hue,
-        )
         for i in self.order:
             factor = self.factors[i]
             if factor is not None:
-                t = ops[i](t, factor)
+                t = COLOR_ADJUSTMENTS[i](t, factor)
         out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)
         return out
-
-
-class _SharedDrawd(RandomizableTransform, MapTransform):
-    """Dictionary wrapper of an array transform with ``prob=1``: one draw (whether, and how) for all keys.
-
-    Subclasses set ``self.inner`` (the array transform, whose ``__call__`` takes ``randomize=False``).
-    """
-
-    inner: RandomizableTransform
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
-        super().set_random_state(seed, state)
-        self.inner.set_random_state(state=self.R)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if self._do_transform:
-            self.inner.R = self.R
-            self.inner.randomize(None)
-        for key in self.key_iterator(d):
-            if self._do_transform:
-                d[key] = self.inner(d[key], randomize=False)
-            else:
-                d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
-        return d
-
-
-class RandColorJitterd(_SharedDrawd):
-    """Dictionary version of :class:`RandColorJitter`; all keys get the same factors."""
-
-    backend = RandColorJitter.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        brightness: float | Sequence[float] = 0.8,
-        contrast: float | Sequence[float] = 0.8,
-        saturation: float | Sequence[float] = 0.8,
-        hue: float | Sequence[float] = 0.2,
-        prob: float = 0.8,
-        random_order: bool = True,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.inner = RandColorJitter(brightness, contrast, saturation, hue, prob=1.0, random_order=random_order)
 
 
 class RandGrayscale(RandomizableTransform):
@@ -577,49 +346,14 @@ class RandGrayscale(RandomizableTransform):
             return img
         if img.shape[0] != 3:
             raise ValueError(f"RandGrayscale needs 1 or 3 channels, got {img.shape[0]}.")
-        t = rgb_to_grayscale(_as_plain_float(img)).expand(3, -1, -1).contiguous()
+        t = gray_to_rgb_luma(_as_plain_float(img)).contiguous()
         out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)
         return out
-
-
-class RandGrayscaled(_SharedDrawd):
-    """Dictionary version of :class:`RandGrayscale`; one draw for all keys."""
-
-    backend = RandGrayscale.backend
-
-    def __init__(self, keys: KeysCollection, prob: float = 0.2, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.inner = RandGrayscale(prob=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
 # blur
 # --------------------------------------------------------------------------------------------------
-def _gaussian_kernel1d(sigma: float, size: int) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def _separable_blur(img: torch.Tensor, kh: Sequence[float], kw: Sequence[float]) -> torch.Tensor:
-    """Separable filter of a (C, H, W) tensor with reflect padding, as a sum of shifted slices.
-
-    For view-sized images and kernels of a few taps this is ~3x faster than a grouped ``conv2d``
-    (MONAI's ``separable_filtering``) and gives the same result.
-    """
-    height, width = img.shape[1:]
-    rh, rw = len(kh) // 2, len(kw) // 2
-    padded = F.pad(img.unsqueeze(0), (rw, rw, rh, rh), mode="reflect")[0]
-    rows = padded[:, 0:height, :] * kh[0]
-    for i in range(1, len(kh)):
-        rows.add_(padded[:, i : i + height, :], alpha=kh[i])
-    out = rows[:, :, 0:width] * kw[0]
-    for j in range(1, len(kw)):
-        out.add_(rows[:, :, j : j + width], alpha=kw[j])
-    return out
-
-
 class RandGaussianBlur(RandomizableTransform):
     """SimCLR's Gaussian blur: isotropic sigma ~ U(sigma), kernel ~10 % of the image side, reflect padding.
 
@@ -661,15 +395,6 @@ class RandGaussianBlur(RandomizableTransform):
         if self._do_transform:
             self.current_sigma = float(self.R.uniform(self.sigma[0], self.sigma[1]))
 
-    def _kernel_side(self, side: int) -> int:
-        k = (
-            self.kernel_size
-            if self.kernel_size is not None
-            else 2 * (int(self.kernel_fraction * side) // 2) + 1
-        )
-        k = max(k, 3)
-        return min(k, 2 * (side - 1) + 1)  # reflect padding needs pad < side
-
     def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
         img = convert_to_tensor(img, track_meta=get_track_meta())
         _check_2d(img, type(self).__name__)
@@ -677,122 +402,8 @@ class RandGaussianBlur(RandomizableTransform):
             self.randomize()
         if not self._do_transform or min(img.shape[1:]) < 2:
             return img
-        t = _as_plain_float(img)
-        kh, kw = (_gaussian_kernel1d(self.current_sigma, self._kernel_side(int(s))) for s in t.shape[1:])
-        lo, hi = torch.aminmax(t)
-        # a normalised kernel averages, but float rounding can step a pixel of 1.0 to 1.0000002
-        t = _separable_blur(t, kh.tolist(), kw.tolist()).clamp_(lo, hi)
+        t = gaussian_blur(_as_plain_float(img), self.current_sigma, self.kernel_fraction, self.kernel_size)
         out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)
         return out
 
 
-class RandGaussianBlurd(_SharedDrawd):
-    """Dictionary version of :class:`RandGaussianBlur`; all keys share the sigma."""
-
-    backend = RandGaussianBlur.backend
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        sigma: Sequence[float] | float = (0.1, 2.0),
-        prob: float = 0.5,
-        kernel_fraction: float = 0.1,
-        kernel_size: int | None = None,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.inner = RandGaussianBlur(sigma, prob=1.0, kernel_fraction=kernel_fraction, kernel_size=kernel_size)
-
-
-# --------------------------------------------------------------------------------------------------
-# pairs of views
-# --------------------------------------------------------------------------------------------------
-class ContrastiveViewsd(Randomizable, MapTransform):
-    """Make the positive pair for contrastive learning: ``view_keys[0]`` and ``view_keys[1]``.
-
-    * SimCLR: ``source_keys=("image",)``: both views come from the same image through two independent
-      draws of the augmentation pipeline.
-    * MICLe: ``source_keys=("image_1", "image_2")``: two images of the same patient/lesion; view 1
-      is an augmentation of ``image_1`` and view 2 of ``image_2``.
-
-    The pipeline is a dictionary transform over ``pipeline_key`` (e.g. a preset from
-    :func:`medssl_monai.transforms.get_preset`), or a preset name. ``set_random_state`` seeds the
-    inner pipeline too, so a seeded dataset yields the same pairs; MONAI's DataLoader seeds it per
-    worker the same way.
-
-    Args:
-        keys: source keys (1 for SimCLR, 2 for MICLe).
-        transform: a dictionary transform/``Compose`` (or a list of them) over ``pipeline_key``, or a
-            preset name.
-        view_keys: output keys of the two views.
-        pipeline_key: the key the pipeline reads and writes.
-        spatial_size: view size, only used when ``transform`` is a preset name.
-        preset_overrides: preset parameters (e.g. ``{"strength": 0.5}``), only with a preset name.
-        keep_sources: keep the source images in the output (off by default: full-size sources of
-            different sizes would not collate into a batch).
-        allow_missing_keys: passed to ``MapTransform``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = ("image",),
-        transform: Callable | Sequence[Callable] | str = "natural",
-        view_keys: Sequence[str] = ("view_1", "view_2"),
-        pipeline_key: str = "image",
-        spatial_size: Sequence[int] | int = (64, 64),
-        preset_overrides: Mapping[str, Any] | None = None,
-        keep_sources: bool = False,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if len(self.keys) not in (1, 2):
-            raise ValueError(f"ContrastiveViewsd needs 1 (SimCLR) or 2 (MICLe) source keys, got {self.keys}.")
-        if len(view_keys) != 2:
-            raise ValueError(f"view_keys must name 2 outputs, got {view_keys}.")
-        if isinstance(transform, (list, tuple)):
-            transform = Compose(list(transform))
-        if isinstance(transform, str):
-            from medssl_monai.transforms.presets import get_preset
-
-            overrides = dict(preset_overrides or {})
-            transform = get_preset(transform, keys=(pipeline_key,), spatial_size=spatial_size, **overrides)
-        elif preset_overrides:
-            raise ValueError("preset_overrides only apply when transform is a preset name.")
-        if not callable(transform):
-            raise TypeError(f"transform must be callable or a preset name, got {type(transform).__name__}.")
-        self.transform = transform
-        self.view_keys = tuple(view_keys)
-        self.pipeline_key = pipeline_key
-        self.keep_sources = keep_sources
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
-        super().set_random_state(seed, state)
-        if isinstance(self.transform, Randomizable):
-            self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        """The randomness lives in the inner pipeline; each view is a fresh draw of it."""
-
-    @property
-    def source_keys(self) -> tuple[Hashable, ...]:
-        return tuple(self.keys)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        sources = list(self.key_iterator(d))
-        if not sources:
-            return d
-        if len(self.keys) == 2 and len(sources) != 2:
-            raise KeyError(f"MICLe mode needs both {self.keys} in the data, found {sources}.")
-        src_keys = sources * 2 if len(sources) == 1 else sources
-        for view_key, src_key in zip(self.view_keys, src_keys):
-            d[view_key] = self.transform({self.pipeline_key: d[src_key]})[self.pipeline_key]
-        if not self.keep_sources:
-            for key in sources:
-                if key not in self.view_keys:
-                    del d[key]
-        return d

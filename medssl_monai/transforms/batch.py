@@ -12,6 +12,10 @@ bilinearly, no antialiasing: keep the source at most about twice the view size),
 flips, quarter turns, colour jitter (brightness, contrast, saturation, hue in a random order, each item
 its own), grayscale, Gaussian blur (SimCLR's isotropic sigma and kernel side). Presets with other
 transforms (e.g. ``chest_xray``'s elastic deformation) are refused with the names of what is missing.
+
+The maths is :mod:`.functional`'s, the same functions the per-image transforms call, here with one
+parameter per item (``(B, 1, 1, 1)`` tensors); only the crop's resampling differs (one ``grid_sample`` for
+boxes of different sizes instead of an antialiased resize per image).
 """
 
 from __future__ import annotations
@@ -22,21 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.transforms import Randomizable
+from monai.transforms import RandFlipd, Randomizable, RandRotate90d
 
-from .presets import get_preset
-from .views import (
+from .dictionary import (
     EnsureFloatImaged,
     RandColorJitterd,
     RandGaussianBlurd,
     RandGrayscaled,
     RandomResizedCropd,
-    centre_crop_box,
-    hsv_to_rgb,
-    rgb_to_grayscale,
-    rgb_to_hsv,
 )
+from .functional import (
+    COLOR_ADJUSTMENTS,
+    centre_crop_box,
+    crop_box_size,
+    gaussian_blur,
+    gray_to_rgb_luma,
+    sample_boxes,
+)
+from .presets import get_preset
 
 __all__ = ["BatchViews", "batch_views_for"]
 
@@ -111,17 +118,15 @@ class BatchViews(Randomizable, torch.nn.Module):
             raise ValueError("BatchViews: " + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------ draws
-    def _boxes(self, n: int, height: int, width: int) -> np.ndarray:
+    def draw_boxes(self, n: int, height: int, width: int) -> np.ndarray:
         """``(n, 4)`` integer boxes (top, left, h, w): torchvision's rejection sampling, then its fallback."""
         area = height * width
         log_r = np.log(self.crop_ratio)
         boxes = np.zeros((n, 4), dtype=np.int64)
         done = np.zeros(n, dtype=bool)
         for _ in range(self.crop_attempts):
-            target = area * self.R.uniform(self.crop_scale[0], self.crop_scale[1], n)
-            ratio = np.exp(self.R.uniform(log_r[0], log_r[1], n))
-            w = np.round(np.sqrt(target * ratio)).astype(np.int64)
-            h = np.round(np.sqrt(target / ratio)).astype(np.int64)
+            fraction = self.R.uniform(self.crop_scale[0], self.crop_scale[1], n)
+            h, w = crop_box_size(area, fraction, self.R.uniform(log_r[0], log_r[1], n))
             top_u, left_u = self.R.uniform(size=n), self.R.uniform(size=n)
             ok = ~done & (w > 0) & (h > 0) & (w <= width) & (h <= height)
             top = np.floor(top_u * (height - h + 1)).astype(np.int64)
@@ -139,7 +144,7 @@ class BatchViews(Randomizable, torch.nn.Module):
         n, height, width = data
         u = self.R.uniform
         self.params = {
-            "box": self._boxes(n, height, width),
+            "box": self.draw_boxes(n, height, width),
             "hflip": u(size=n) < self.hflip_prob,
             "vflip": u(size=n) < self.vflip_prob,
             "rot90": np.where(u(size=n) < self.rot90_prob, self.R.randint(1, 4, size=n), 0),
@@ -152,19 +157,6 @@ class BatchViews(Randomizable, torch.nn.Module):
         }
 
     # --------------------------------------------------------------------------------------- applying
-    def _crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Bilinear sampling of each item's box onto the output grid (pixel centres, ``align_corners=False``)."""
-        _, _, height, width = x.shape
-        oh, ow = self.spatial_size
-        top, left, bh, bw = boxes.unbind(1)
-        # output pixel centre i -> source coordinate top + (i + 0.5) * bh / oh - 0.5, then to [-1, 1]
-        iy = (torch.arange(oh, device=x.device, dtype=torch.float32) + 0.5) / oh
-        ix = (torch.arange(ow, device=x.device, dtype=torch.float32) + 0.5) / ow
-        ys = (top[:, None] + iy[None] * bh[:, None]) * (2.0 / height) - 1.0
-        xs = (left[:, None] + ix[None] * bw[:, None]) * (2.0 / width) - 1.0
-        grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
     def _device_params(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The draws as tensors on ``device``, moved in one copy.
 
@@ -192,63 +184,33 @@ class BatchViews(Randomizable, torch.nn.Module):
 
     def _jitter(self, x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
         """Brightness, contrast, saturation, hue in each item's own order, each item's own factors."""
-        rgb = x.shape[1] == 3
-
-        def op(i: int, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-            f = f.view(-1, 1, 1, 1)
-            if i == 0:
-                return (t * f).clamp(0.0, 1.0)
-            if i == 1:
-                mean = (rgb_to_grayscale(t) if rgb else t).mean(dim=(1, 2, 3), keepdim=True)
-                return (f * t + (1.0 - f) * mean).clamp(0.0, 1.0)
-            if i == 2:
-                return (f * t + (1.0 - f) * rgb_to_grayscale(t)).clamp(0.0, 1.0)
-            h, s, v = rgb_to_hsv(t).unbind(1)
-            h = torch.remainder(h + f.view(-1, 1, 1), 1.0)
-            return hsv_to_rgb(torch.stack((h, s, v), 1)).clamp(0.0, 1.0)
-
         # saturation and hue do nothing to gray images (as the per-item transform)
-        active = [i for i in range(4) if self.ranges[i] is not None and (rgb or i < 2)]
+        active = [i for i in range(4) if self.ranges[i] is not None and (x.shape[1] == 3 or i < 2)]
         for position in range(4):
             for i in active:
                 mask = d["jitter"] & (d["order"][:, position] == i)
-                x = self._where(mask, op(i, x, d["factors"][:, i]), x)
+                x = self._where(mask, COLOR_ADJUSTMENTS[i](x, d["factors"][:, i].view(-1, 1, 1, 1)), x)
         return x
 
-    def _blur(self, x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each item's own isotropic Gaussian (kernels built on the device), reflect padding, no overshoot."""
-        n, c, height, width = x.shape
-
-        def side(s: int) -> int:
-            k = self.blur_kernel_size or 2 * (int(self.blur_kernel_fraction * s) // 2) + 1
-            return min(max(k, 3), 2 * (s - 1) + 1)
-
-        def kernels(k: int) -> torch.Tensor:  # (n, k), as _gaussian_kernel1d for each item's sigma
-            r = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2.0
-            g = torch.exp(-0.5 * (r[None] / d["sigma"][:, None].to(x.dtype)) ** 2)
-            return g / g.sum(dim=1, keepdim=True)
-
-        kh, kw = side(height), side(width)
-        wy = kernels(kh).repeat_interleave(c, 0).view(n * c, 1, kh, 1)
-        wx = kernels(kw).repeat_interleave(c, 0).view(n * c, 1, 1, kw)
-        y = F.pad(x.reshape(1, n * c, height, width), (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-        y = F.conv2d(F.conv2d(y, wy, groups=n * c), wx, groups=n * c).view(n, c, height, width)
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        return self._where(d["blur"], torch.maximum(torch.minimum(y, hi), lo), x)
-
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` floats in [0, 1] -> ``(B, C, h, w)`` views, each item with its own draw."""
+    def forward(self, x: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        """``(B, C, H, W)`` floats in [0, 1] -> ``(B, C, h, w)`` views, each item with its own draw.
+
+        ``randomize=False`` applies the draws in :attr:`params` again (as MONAI's array transforms do),
+        e.g. parameters set by hand.
+        """
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"BatchViews expects a (B, C, H, W) batch with 1 or 3 channels, got {tuple(x.shape)}")
         x = torch.as_tensor(x).as_subclass(torch.Tensor)
         # float32 throughout: a bf16 sampling grid is off by up to half a pixel, and half-precision
         # grid_sample on the CPU returns NaNs; uint8 images are scaled to [0, 1] as the loader does
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        self.randomize((x.shape[0], x.shape[2], x.shape[3]))
+        if randomize:
+            self.randomize((x.shape[0], x.shape[2], x.shape[3]))
+        elif len(self.params.get("box", ())) != x.shape[0]:
+            raise RuntimeError(f"BatchViews: no draws for a batch of {x.shape[0]}; call randomize() first.")
         d = self._device_params(x.device)
-        x = self._crop(x, d["box"])
+        x = sample_boxes(x, d["box"], self.spatial_size)
         if self.hflip_prob > 0:
             x = self._where(d["hflip"], x.flip(-1), x)
         if self.vflip_prob > 0:
@@ -259,9 +221,10 @@ class BatchViews(Randomizable, torch.nn.Module):
         if self.jitter_prob > 0:
             x = self._jitter(x, d)
         if self.grayscale_prob > 0 and x.shape[1] == 3:
-            x = self._where(d["gray"], rgb_to_grayscale(x).expand(-1, 3, -1, -1), x)
-        if self.blur_prob > 0:
-            x = self._blur(x, d)
+            x = self._where(d["gray"], gray_to_rgb_luma(x), x)
+        if self.blur_prob > 0:  # each item's own sigma; kernels built on the device
+            blurred = gaussian_blur(x, d["sigma"], self.blur_kernel_fraction, self.blur_kernel_size)
+            x = self._where(d["blur"], blurred, x)
         return x
 
     @classmethod
@@ -306,8 +269,6 @@ _ORDER = ("crop", "hflip", "vflip", "rot90", "jitter", "gray", "blur")
 
 def _kind(t: Any) -> str | None:
     """Which of BatchViews' steps a preset transform is (``None``: not one of them)."""
-    from monai.transforms import RandFlipd, RandRotate90d
-
     if isinstance(t, RandomResizedCropd):
         return "crop"
     if isinstance(t, RandFlipd) and _axes(t.flipper.spatial_axis) in ((0,), (1,)):

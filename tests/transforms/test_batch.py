@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medssl_monai.transforms import BatchViews, batch_views_for
-from medssl_monai.transforms.views import (
-    RandGaussianBlur,
+from medssl_monai.transforms import BatchViews, RandColorJitter, RandGaussianBlur, batch_views_for
+from medssl_monai.transforms.functional import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -115,7 +114,8 @@ def test_grayscale_and_blur_match_the_per_item_transforms() -> None:
             torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0)
             continue
         one = RandGaussianBlur(sigma=(0.1, 2.0), prob=1.0)
-        one._do_transform, one.current_sigma = True, float(views.params["sigma"][k])
+        one.randomize()  # prob 1: it will blur; then the item's sigma
+        one.current_sigma = float(views.params["sigma"][k])
         torch.testing.assert_close(y[k], one(x[k], randomize=False), atol=1e-5, rtol=0)
 
 
@@ -219,7 +219,7 @@ def test_crop_boxes_follow_the_per_item_crops_distribution() -> None:
     n, height, width = 4000, 150, 200
     views = BatchViews(64, crop_scale=(0.08, 1.0))
     views.set_random_state(seed=0)
-    ours = views._boxes(n, height, width).astype(float)
+    ours = views.draw_boxes(n, height, width).astype(float)
     crop = RandomResizedCrop(64, scale=(0.08, 1.0))
     crop.set_random_state(seed=1)
     ref = []
@@ -236,3 +236,30 @@ def test_crop_boxes_follow_the_per_item_crops_distribution() -> None:
         a, r = stat(ours), stat(ref)
         assert abs(a.mean() - r.mean()) < 4 * np.sqrt(a.var() / n + r.var() / n)  # same mean, 4 standard errors
         assert abs(np.quantile(a, 0.9) - np.quantile(r, 0.9)) < 0.05 * (r.max() - r.min())
+
+
+def test_per_item_and_batch_paths_agree_for_the_same_parameters() -> None:
+    """Both paths call the same functions: the per-item transforms, given the parameters an item of the batch
+    was given (jitter order and factors, blur sigma), make the same image as the batch path."""
+    x = _images(n=6, h=24, w=24, seed=4)
+    same = dict(spatial_size=24, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))  # the crop is the identity
+    ranges = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4), hue=(-0.1, 0.1))
+    views = BatchViews(**same, jitter_prob=1.0, **ranges, blur_prob=1.0, blur_sigma=(0.1, 2.0))
+    views.randomize((6, 24, 24))
+    # fixed parameters, set by hand: every item its own order, factors and sigma
+    views.params["order"] = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 2, 1, 3], [3, 0, 2, 1]])
+    views.params["factors"] = np.array([[0.7, 1.3, 0.6, 0.05], [1.2, 0.8, 1.4, -0.08], [1.0, 1.1, 0.9, 0.1],
+                                        [0.65, 1.35, 1.2, -0.1], [1.39, 0.61, 0.7, 0.0], [0.9, 1.2, 1.3, 0.07]])
+    views.params["sigma"] = np.array([0.1, 0.5, 1.0, 1.5, 2.0, 0.8])
+    y = views(x, randomize=False)
+    jitter = RandColorJitter(**ranges, prob=1.0)
+    blur = RandGaussianBlur(sigma=(0.1, 2.0), prob=1.0)
+    jitter.randomize(), blur.randomize()  # prob 1: both will apply; the draws are then replaced
+    for k in range(len(x)):
+        jitter.order = [int(i) for i in views.params["order"][k]]
+        jitter.factors = [float(f) for f in views.params["factors"][k]]
+        blur.current_sigma = float(views.params["sigma"][k])
+        ref = blur(jitter(x[k], randomize=False), randomize=False)
+        torch.testing.assert_close(y[k], ref, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="randomize"):
+        views(x[:2], randomize=False)  # draws for 6 items do not fit a batch of 2
