@@ -134,6 +134,11 @@ def _pixel_data_check(fp: Any, pos: int, size: int, implicit: bool, little: bool
     data is walked item by item (:func:`_count_fragments`).
     """
     if pos >= size:
+        # pydicom consumes a pixel data header cut short without a word: look for its tag in the last bytes
+        fp.seek(max(size - 11, 0))
+        tail = fp.read(11)
+        if any(struct.pack("<HH" if little else ">HH", *tag) in tail for tag in _PIXEL_TAGS):
+            raise SkipFile("truncated", "truncated DICOM: the file ends inside the pixel data header")
         raise SkipFile("no_pixel_data", "DICOM without pixel data (7FE0,0010)")
     fp.seek(pos)
     head = fp.read(12)
