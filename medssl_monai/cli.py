@@ -59,9 +59,8 @@ def _cohort(args: argparse.Namespace):
 
 def cmd_index_pacs(args: argparse.Namespace) -> int:
     """``medssl index --dicomweb URL`` / ``--dimse HOST:PORT``: fetch the cohort into the cache, index the cache."""
-    import pandas as pd
-
     from .data.credentials import load_credentials
+    from .data.dicom_index import read_labels
     from .data.pacs_errors import PacsError
     from .data.pacs_index import index_pacs
     from .data.pseudonymize import Pseudonymizer
@@ -73,7 +72,7 @@ def cmd_index_pacs(args: argparse.Namespace) -> int:
         cohort = _cohort(args)
         creds = load_credentials(args.auth_file) if args.dicomweb else None
         pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
-        labels = pd.read_csv(args.labels, dtype="string") if args.labels else None
+        labels = read_labels(args.labels, args.label_key, args.label_col) if args.labels else None
         fetch, result = index_pacs(
             args.out, dicomweb=args.dicomweb, dimse=args.dimse, cohort=cohort, cache=args.cache, credentials=creds,
             ca_bundle=args.ca_bundle, calling_ae=args.calling_ae, called_ae=args.called_ae,
@@ -94,9 +93,7 @@ def cmd_index_pacs(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from .data.dicom_index import index_tree
+    from .data.dicom_index import check_index_outputs, index_tree, read_labels
     from .data.manifest import errors_path
     from .data.pseudonymize import Pseudonymizer
 
@@ -114,8 +111,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not root.exists():
         print(f"error: {root}: no such file or folder", file=sys.stderr)
         return 2
+    # every output, salt and label problem is found before the tree is read (and before a salt is created)
+    check_index_outputs(root, args.out)
+    labels = read_labels(args.labels, args.label_key, args.label_col) if args.labels else None
     pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
-    labels = pd.read_csv(args.labels, dtype="string") if args.labels else None
     bar = None
     if not args.quiet:
         from tqdm.auto import tqdm
@@ -125,7 +124,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         result = index_tree(root, args.out, workers=args.workers, pseudonymizer=pz, incremental=not args.full,
                             expand_frames=args.expand_frames, labels=labels, label_key=args.label_key,
                             label_column=args.label_col, progress=_bar_callback(bar) if bar is not None else None,
-                            cohort=cohort)
+                            cohort=cohort, follow_links=args.follow_links, max_pixels=_max_pixels(args))
     finally:
         if bar is not None:
             bar.close()
@@ -138,19 +137,56 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _max_pixels(args: argparse.Namespace) -> int:
+    from .data.manifest import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+
+
+def _check_table_out(out: str, inputs: Sequence[str]) -> None:
+    """``--out`` of table/split: a writable file that is not one of the inputs (checked before any work)."""
+    from .data.manifest import check_output_file
+
+    out_p = check_output_file(out, "--out manifest")
+    if any(Path(i).resolve() == out_p for i in inputs):
+        raise ValueError(f"{out_p}: --out names the input table itself: choose another file")
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     from .data.manifest import write_manifest
     from .data.pseudonymize import Pseudonymizer
     from .data.table import table_to_manifest
 
+    _check_table_out(args.out, [args.csv])
     pz = Pseudonymizer.from_file(args.pseudonymize) if args.pseudonymize else None
     df = table_to_manifest(args.csv, path_col=args.path_col, group_col=args.group_col,
                            label_col=args.label_col or None, instance_col=args.instance_col, root=args.root,
-                           pseudonymizer=pz)
+                           pseudonymizer=pz, max_pixels=_max_pixels(args))
     write_manifest(df, args.out)
     groups = df.groupby("patient_id").size()
     print(f"rows: {len(df)}  groups: {len(groups)}  multi-image groups: {int((groups >= 2).sum())}  -> {args.out}")
     return 0
+
+
+def _parse_fractions(text: str, flag: str) -> dict[str, float]:
+    """``train=0.7,val=0.15`` -> a dict; anything else is one line naming the flag and the bad part."""
+    fractions = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            fractions[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{flag}: {part.strip()!r} is not name=number (e.g. train=0.7,val=0.15,test=0.15)") from None
+    return fractions
+
+
+def _parse_numbers(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers (e.g. 0.01,0.1,1.0)") from None
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -158,19 +194,26 @@ def cmd_split(args: argparse.Namespace) -> int:
     from .data.manifest import read_manifest, write_manifest
     from .data.splits import nested_label_fractions, split_groups
 
+    fractions = _parse_fractions(args.fractions, "--fractions")
+    label_fractions = _parse_numbers(args.label_fractions, "--label-fractions") if args.label_fractions else None
+    out = args.out or args.manifest
+    if args.out:
+        _check_table_out(args.out, [args.manifest])
     df = read_manifest(args.manifest, resolve_paths=False)
-    fractions = {}
-    for part in args.fractions.split(","):
-        name, _, value = part.partition("=")
-        fractions[name.strip()] = float(value)
     key = LEVELS[args.level]
-    df = split_groups(df, fractions, group_col=key, label_col=args.label_col, seed=args.seed)
-    if args.label_fractions:
-        fr = [float(x) for x in args.label_fractions.split(",")]
-        df = nested_label_fractions(df, fr, group_col=key, label_col=args.label_col, seed=args.seed)
-    write_manifest(df, args.out or args.manifest)
+    label_col = args.label_col or None
+    for col, what in ((key, f"group column for --level {args.level}"), (label_col, "label column (--label-col)")):
+        if col and col not in df.columns:
+            raise ValueError(f"{args.manifest}: no {col!r} column ({what}); its columns: {list(df.columns)[:12]}")
+    if df[key].isna().any():
+        raise ValueError(f"{args.manifest}: {int(df[key].isna().sum())} row(s) with an empty {key!r}: "
+                         "every image needs a group to be split by")
+    df = split_groups(df, fractions, group_col=key, label_col=label_col, seed=args.seed)
+    if label_fractions:
+        df = nested_label_fractions(df, label_fractions, group_col=key, label_col=label_col, seed=args.seed)
+    write_manifest(df, out)
     counts = df.groupby("split")[key].nunique().to_dict()
-    print(f"groups per split: {counts} -> {args.out or args.manifest}")
+    print(f"groups per split: {counts} -> {out}")
     return 0
 
 
@@ -298,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="CSV of labels joined on --label-key (original, un-hashed ids)")
     s.add_argument("--label-key", default="patient_id", help="patient_id | study_uid | series_uid | sop_uid")
     s.add_argument("--label-col", default="label", help="column of --labels holding the label")
+    s.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links to files/folders outside ROOT (otherwise reported, not read)")
+    s.add_argument("--max-pixels", type=int, default=None,
+                   help="skip images with more Rows x Columns per frame than this (default 100 million; 0: no limit)")
     g = s.add_argument_group("cohort filters (DICOM matching on the headers; also sent to a PACS)")
     g.add_argument("--modality", help="Modality values, comma-separated, e.g. CR,DX")
     g.add_argument("--body-part", help="BodyPartExamined values, comma-separated, e.g. CHEST")
@@ -325,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instance-col", default=None, help="per-image id column (e.g. image_id)")
     s.add_argument("--root", default=None, help="folder relative paths start from (default: the CSV's)")
     s.add_argument("--pseudonymize", metavar="SALT_FILE")
+    s.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images with more width x height than this, read from their headers "
+                        "(default 100 million; 0: no limit)")
     s.set_defaults(func=cmd_table)
 
     s = sub.add_parser("split", help="patient-level train/val/test split and nested label fractions")
@@ -333,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--level", default="patient", choices=["patient", "study", "series"])
     s.add_argument("--fractions", default="train=0.7,val=0.15,test=0.15")
     s.add_argument("--label-fractions", default="0.01,0.1,0.2,1.0", help="nested; empty to skip")
-    s.add_argument("--label-col", default="label")
+    s.add_argument("--label-col", default="label", help="stratify by this column; empty for no stratification")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_split)
 

@@ -86,6 +86,10 @@ def load_rows(
     if manifest:
         df = read_manifest(manifest)
         if split is not None and split_col in df.columns:
+            unassigned = int(df[split_col].isna().sum())
+            if unassigned:  # rows added by a re-index after the split: silently dropping or using them both hurt
+                raise ValueError(f"{manifest}: {unassigned} row(s) have no {split_col!r} (added since the "
+                                 "manifest was split): run 'medssl split' on it again")
             wanted = [split] if isinstance(split, str) else list(split)
             df = df[df[split_col].isin(wanted)]
     elif dataset_dir:

@@ -17,17 +17,21 @@ import pandas as pd
 from .privacy import register_path_keys
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ERROR_COLUMNS",
     "ID_COLUMNS",
     "MANIFEST_COLUMNS",
     "PATHMAP_PREFIX",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_file",
     "errors_path",
     "meta_path",
     "normalize_dtypes",
     "pathmap_path",
     "read_manifest",
+    "read_path_map",
+    "read_table_csv",
     "write_manifest",
 ]
 
@@ -60,6 +64,9 @@ INT_COLUMNS = ["instance_number", "rows", "columns", "frames", "frame_index", "s
 ERROR_COLUMNS = ["path", "reason", "code", "file_size", "file_mtime_ns"]
 #: In a pseudonymised manifest, ``path`` holds ``pm:<key>``; the real path lives in the private path map.
 PATHMAP_PREFIX = "pm:"
+#: Largest image (Rows x Columns of one frame or slice) indexed by default: a 12000 x 12000 JPEG takes
+#: 2.7 GB of memory for one load, far beyond what any training input needs.
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 def errors_path(manifest: str | os.PathLike) -> Path:
@@ -105,6 +112,29 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check, before any work, that ``path`` can be written: not a folder, in a folder that takes new files.
+
+    Returns the resolved path; raises one line naming it otherwise (a run that fails only when it writes
+    its result has wasted the whole read, and may leave half of its outputs behind).
+    """
+    p = Path(path).resolve()
+    if p.is_dir():
+        raise ValueError(f"{p}: the {what} to write is a folder: give a file name, e.g. {p / 'manifest.csv'}")
+    probe = p.parent
+    while not probe.exists():  # the folders are created when writing: the nearest existing one must take them
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{p}: cannot write the {what}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".medssl-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PermissionError(f"{p}: cannot write the {what} into the folder {probe} ({err.strerror or err})") from None
+    return p
+
+
 def _order(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
     columns = list(columns)
     for c in columns:
@@ -134,18 +164,48 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, columns: Iterable[
     atomic_write_text(path, df.to_csv(index=False))
 
 
+def read_table_csv(path: str | os.PathLike, string_columns: Iterable[str] = (), required: Iterable[str] = (),
+                   what: str = "table") -> pd.DataFrame:
+    """Read a CSV without guessing missing values: only an empty cell is missing.
+
+    pandas' default turns ``NA``, ``N/A``, ``null`` or ``None`` into NaN, which silently erases patients and
+    labels spelled that way; here they stay strings. ``string_columns`` are read as strings (``007`` keeps
+    its zeros); a file that is no CSV, or lacks a ``required`` column, raises one ``ValueError`` line
+    naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a {what} CSV file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        df = pd.read_csv(path, dtype=dict.fromkeys(string_columns, "string"), keep_default_na=False,
+                         na_values=[""])
+    except (ValueError, pd.errors.ParserError) as err:  # UnicodeDecodeError and EmptyDataError included
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable {what} CSV ({first})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        shown = [str(c)[:40] for c in df.columns[:12]] + (["..."] if len(df.columns) > 12 else [])
+        raise ValueError(f"{path}: not a {what}: no column(s) {missing} (its columns: {shown})")
+    return df
+
+
 def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.DataFrame:
-    """Read a manifest with identifiers kept as strings.
+    """Read a manifest with identifiers kept as strings (``NA``/``None`` ids and labels included).
 
     Relative paths are resolved against the manifest's folder; in a pseudonymised manifest, ``pm:`` keys are
     resolved through the private path map next to it when it is there (``resolve_paths=False`` keeps keys).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    df = pd.read_csv(path, dtype={c: "string" for c in [*ID_COLUMNS, "modality", "view_position", "body_part"]},
-                     keep_default_na=True)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    df = read_table_csv(path, [*ID_COLUMNS, "modality", "view_position", "body_part"], required=["path"],
+                        what="manifest")
     df = normalize_dtypes(df)
+    if df["path"].isna().any():
+        rows = [int(i) + 2 for i in df.index[df["path"].isna()][:5]]
+        raise ValueError(f"{path}: empty 'path' in line(s) {rows}: every manifest row needs an image path")
     if not resolve_paths or df.empty:
         return df
     keyed = df["path"].str.startswith(PATHMAP_PREFIX).fillna(False)
@@ -155,7 +215,7 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.Dat
             raise FileNotFoundError(
                 f"{path} is pseudonymised and its paths are opaque keys, but the private path map {pm} "
                 "is missing: keep it beside the manifest (it is written with the manifest, mode 0600)")
-        mapping = pd.read_csv(pm, dtype="string").set_index("key")["path"]
+        mapping = read_path_map(pm)
         keys = df.loc[keyed, "path"].copy()
         df.loc[keyed, "path"] = keys.map(mapping)
         if df.loc[keyed, "path"].isna().any():
@@ -165,6 +225,12 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.Dat
     if keyed.any():  # logs name these images by key (privacy.install_path_redaction)
         register_path_keys(dict(zip(df.loc[keyed, "path"], keys)))
     return df
+
+
+def read_path_map(path: str | os.PathLike) -> pd.Series:
+    """The private path map: ``pm:`` key -> real path."""
+    pm = read_table_csv(path, ["key", "path"], required=["key", "path"], what="path map")
+    return pm.set_index("key")["path"]
 
 
 def read_meta(manifest: str | os.PathLike) -> dict:

@@ -19,18 +19,40 @@ __all__ = ["Pseudonymizer", "load_or_create_salt"]
 logger = logging.getLogger(__name__)
 
 
+#: Shortest salt accepted: fewer random bytes would let a guessed PatientID be tested against a pseudonym.
+MIN_SALT_BYTES = 16
+
+
 def load_or_create_salt(salt_file: str | os.PathLike) -> bytes:
-    """Read the salt; create a random one (mode 0600) when the file does not exist yet."""
+    """Read the salt; create a random one (mode 0600) when the file does not exist yet.
+
+    The salt is the re-identification key, so a salt file that group or others may read is refused rather
+    than used: whoever can read it can link every pseudonym back to a guessed PatientID.
+    """
     p = Path(salt_file)
+    if p.is_dir():
+        raise ValueError(f"{p}: the salt path is a folder: give a file (it is created, mode 0600, when absent)")
     if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as err:
+            raise PermissionError(f"{p}: cannot create the salt file ({err.strerror or err})") from None
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32) + "\n")
         logger.info("created a new pseudonymisation salt at %s: keep it to get the same pseudonyms again", p)
-    salt = p.read_bytes().strip()
-    if len(salt) < 16:
-        raise ValueError(f"{p}: salt too short ({len(salt)} bytes): use at least 16 random bytes")
+    if os.name == "posix":
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(
+                f"{p}: the salt file is open to group/others (mode {mode:04o}); it is the re-identification "
+                f"key: make it private with 'chmod 600 {p}'")
+    try:
+        salt = p.read_bytes().strip()
+    except OSError as err:
+        raise PermissionError(f"{p}: cannot read the salt file ({err.strerror or err})") from None
+    if len(salt) < MIN_SALT_BYTES:
+        raise ValueError(f"{p}: salt too short ({len(salt)} bytes): use at least {MIN_SALT_BYTES} random bytes")
     return salt
 
 
@@ -47,7 +69,8 @@ class Pseudonymizer:
         return cls(load_or_create_salt(salt_file))
 
     def _digest(self, kind: str, value: str) -> bytes:
-        return hmac.new(self._salt, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+        # surrogatepass: a file name that is not valid UTF-8 (surrogate-escaped by Python) hashes, never raises
+        return hmac.new(self._salt, f"{kind}\x00{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
     def patient(self, value: str) -> str:
         """A patient (or lesion) id -> ``P`` + 16 hex digits."""
