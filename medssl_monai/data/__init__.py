@@ -1,5 +1,7 @@
 """Data layer: index image exports into manifests, group them, split them, and load their pixels."""
 
+from .batch_pairs import CachedPairLoader, PairIndex
+from .cache import CACHE_MODES, CacheBudgetError, ImageCache, build_image_cache, row_report_key, source_shape
 from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
 from .grouping import LEVELS, MultiInstanceIndex
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
@@ -10,17 +12,23 @@ from .splits import LeakageError, check_no_leakage, fraction_column, nested_labe
 from .table import table_to_manifest
 
 __all__ = [
+    "CACHE_MODES",
     "LEVELS",
     "MANIFEST_COLUMNS",
+    "CacheBudgetError",
+    "CachedPairLoader",
     "ContrastivePairDataset",
+    "ImageCache",
     "IndexResult",
     "LeakageError",
     "LoadManifestImage",
     "LoadManifestImaged",
     "MissingCodecError",
     "MultiInstanceIndex",
+    "PairIndex",
     "Pseudonymizer",
     "SkipFile",
+    "build_image_cache",
     "check_no_leakage",
     "errors_path",
     "fraction_column",
@@ -31,6 +39,8 @@ __all__ = [
     "read_dicom_header",
     "read_manifest",
     "read_series",
+    "row_report_key",
+    "source_shape",
     "split_groups",
     "summarize",
     "table_to_manifest",
