@@ -160,3 +160,40 @@ def test_take_keeps_a_shard_on_a_device(tmp_path: Path) -> None:
     assert torch.equal(part.images, cache.images[[3, 1]]) and part.slots.tolist() == [0, 1]
     dev = build_image_cache(rows, (12, 16), mode="device", device="cpu", progress=False)
     assert torch.equal(dev.images, cache.images)
+
+
+def test_bundles_train_one_epoch_from_the_cache(tmp_path: Path, ham10000: Path) -> None:
+    """micle_medical (views per batch from the host cache, k-NN monitor from it too), then a fine-tune."""
+    import shutil
+    import subprocess
+    import sys
+
+    from medssl_monai.data import table_to_manifest, write_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    m = table_to_manifest(ham10000 / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
+    manifest = tmp_path / "ham_mini.csv"
+    write_manifest(m[m["mini"]], manifest)
+    store = tmp_path / "image_cache"
+    common = ["--manifest", str(manifest), "--max_epochs", "1", "--batch_size", "16", "--image_size", "16",
+              "--backbone", "resnet18", "--cache", "host", "--source_size", "[24, 32]", "--cache_dir", str(store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    roots = {}
+    for name, extra in (("micle_medical", ["--views_on", "device", "--limit", "64", "--knn_interval", "1"]),
+                        ("finetune_classification", ["--label_fraction", "1.0"])):
+        root = tmp_path / name
+        shutil.copytree(repo / "bundles" / name, root, ignore=shutil.ignore_patterns("*.pt", "output"))
+        if name == "finetune_classification":
+            extra += ["--pretrained_ckpt", str(roots["micle_medical"] / "models" / "model.pt")]
+        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root), "--config_file",
+                            str(root / "configs" / "train.json"), *common, *extra], cwd=repo, capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        assert (root / "models" / "model.pt").is_file()
+        roots[name] = root
+    log = (roots["micle_medical"] / "output" / "train.log").read_text()
+    assert "image cache (host): 64 images at (24, 32)" in log and "views made on the training device" in log
+    assert "Epoch[1]" in log or "Epoch: 1" in log
+    ft_log = (roots["finetune_classification"] / "output" / "train.log").read_text()
+    assert "image cache (host)" in ft_log
+    assert len(list(store.glob("*/index.json"))) == 1  # one store, shared by both bundles
