@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from medssl_monai.data import CachedPairLoader, ContrastivePairDataset, MultiInstanceIndex, PairIndex, build_image_cache
+from medssl_monai.data import (
+    CachedPairLoader,
+    ContrastivePairDataset,
+    MultiInstanceIndex,
+    PairIndex,
+    build_image_cache,
+)
 from medssl_monai.losses import NTXentLoss
 
 # chi-square critical values at p = 0.001 (tables): the tests are seeded, so this is a 1-in-1000 design
