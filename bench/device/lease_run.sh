@@ -37,7 +37,7 @@ trap 'kill $SMI 2>/dev/null' EXIT
 case " $STEPS " in *" bench "*)
   t=$(( $(left) < 260 ? $(left) : 260 ))
   echo "[lease] benchmark, up to ${t}s"
-  timeout "$t" $PY bench/bench_gpu_pretrain.py --data .gpu_data/ham10000 --seconds 10 \
+  timeout "$t" $PY bench/bench_gpu_pretrain.py --data .gpu_data/ham10000 --seconds "${BENCH_SECONDS:-8}" \
     --json "$OUT/gpu_pretrain.json" 2>&1 | grep -v -i warn | tail -20
   cp "$OUT/gpu_pretrain.json" bench/results/ 2>/dev/null
 esac
