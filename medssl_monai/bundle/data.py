@@ -176,7 +176,8 @@ def contrastive_dataset(
                              "device (or cache: none for per-item CPU views)")
         if not batch_size:
             raise ValueError("cache: host|device needs batch_size (the pairs are drawn per batch)")
-        images = _image_cache(rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib, device,
+        # built in host RAM; CachedPairLoader moves only this rank's shard to the device
+        images = _image_cache(rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib, None,
                               num_workers)
         kept = rows[images.kept].reset_index(drop=True)
         images = images.take(np.flatnonzero(images.kept))
