@@ -2,7 +2,8 @@
 
 Arms (same backbone and fine-tuning recipe): ``random`` (supervised only), ``phase1`` (SimCLR on natural
 images), ``phase1_simclr`` (phase 1 + SimCLR on the medical images, one image per item) and
-``phase1_micle`` (phase 1 + MICLe on pairs of a lesion's different images). Each arm is fine-tuned on
+``phase1_micle`` (phase 1 + MICLe on pairs of a lesion's different images) and ``supervised`` (a
+classifier trained on the natural images' labels: the paper's supervised-ImageNet baseline). Each arm is fine-tuned on
 label fractions (the manifest's nested ``labeled_<p>pct`` subsets) with several seeds and evaluated on the
 validation split; the results table, the curve and the wall time go to the run folder.
 
@@ -41,7 +42,11 @@ ARMS: dict[str, tuple[bool, str | None]] = {
     "phase1": (True, None),
     "phase1_simclr": (True, "simclr"),
     "phase1_micle": (True, "micle"),
+    "supervised": (False, None),
 }
+#: arms whose start is a classifier trained with labels on the natural images (``natural_dir``'s class
+#: folders), the stand-in for supervised ImageNet transfer; its bundle overrides are the ``supervised`` section
+SUPERVISED_ARMS = ("supervised",)
 
 
 def _bundle_keys(bundle: str, config_file: str = "train.json") -> set[str]:
@@ -76,7 +81,7 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         elif f < 1 and len(seeds[f]) < int(cfg.get("min_seeds", 3)):
             problems.append(f"fraction {f}: {len(seeds[f])} seed(s), at least {cfg.get('min_seeds', 3)} needed")
     for section, bundle in (("common", None), ("phase1", "simclr_natural"), ("medical", "micle_medical"),
-                            ("finetune", "finetune_classification")):
+                            ("finetune", "finetune_classification"), ("supervised", "finetune_classification")):
         keys = cfg.get(section) or {}
         bundles = [bundle] if bundle else ["simclr_natural", "micle_medical", "finetune_classification"]
         for b in bundles:
@@ -90,7 +95,7 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         if unknown:
             problems.append(f"medical_per_arm.{arm}: keys {unknown} are not top-level keys of micle_medical")
     for name, ckpt in (cfg.get("pretrained") or {}).items():
-        if name != "phase1" and ARMS.get(name, (False, None))[1] is None:
+        if name != "phase1" and name not in SUPERVISED_ARMS and ARMS.get(name, (False, None))[1] is None:
             problems.append(f"pretrained: {name!r} is neither 'phase1' nor an arm with medical pretraining")
         elif check_data and not Path(_resolve(ckpt, base)).is_file():
             problems.append(f"pretrained.{name}: checkpoint {_resolve(ckpt, base)} not found")
@@ -107,7 +112,9 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
         if not table.is_file():
             problems.append(f"table {table} not found")
-        if any(ARMS[a][0] for a in arms if a in ARMS) and "phase1" not in (cfg.get("pretrained") or {}):
+        needs_natural = any(ARMS[a][0] for a in arms if a in ARMS) and "phase1" not in (cfg.get("pretrained") or {})
+        needs_natural |= any(a in SUPERVISED_ARMS and a not in (cfg.get("pretrained") or {}) for a in arms)
+        if needs_natural:
             natural = Path(_resolve(cfg.get("natural_dir", ""), base))
             if not natural.is_dir():
                 problems.append(f"natural_dir {natural} not found")
@@ -150,6 +157,8 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     base = Path(cfg["_base"])
     t0 = time.time()
     common = dict(cfg.get("common") or {})
+    # one decoded-image cache for every arm and seed (bundles with cache: none never touch it)
+    common.setdefault("cache_dir", str(run / "image_cache"))
     models: dict[str, str | None] = {"random": None}
     arms = list(cfg["arms"])
     given = {k: _resolve(v, base) for k, v in (cfg.get("pretrained") or {}).items()}
@@ -162,6 +171,9 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                     **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force)
         models["phase1"] = str(root / "models" / "model.pt")
     for arm in arms:
+        if arm in SUPERVISED_ARMS:
+            models[arm] = given.get(arm) or _supervised_natural(cfg, run, common, force)
+            continue
         pairing = ARMS[arm][1]
         if pairing is None:
             continue
@@ -216,6 +228,36 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     results.to_csv(run / "results.csv", index=False)
     write_study_summary(results, run, time.time() - t0, eval_split)
     return results
+
+
+def natural_manifest(natural_dir: str | Path, out: Path, holdout_every: int = 10) -> Path:
+    """A labelled manifest of an ImageNet-style folder (``train/`` and, when present, ``val/``; without
+    ``val/``, every ``holdout_every``-th training image of each class is held out for validation)."""
+    from .bundle import imagefolder_manifest
+
+    train = imagefolder_manifest(natural_dir, "train").assign(split="train")
+    if (Path(natural_dir) / "val").is_dir():
+        val = imagefolder_manifest(natural_dir, "val").assign(split="val")
+        df = pd.concat([train, val], ignore_index=True)
+    else:
+        df = train
+        held = df.groupby("label").cumcount() % holdout_every == holdout_every - 1
+        df.loc[held, "split"] = "val"
+    df = df.assign(sop_uid=df["patient_id"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, df.to_csv(index=False))
+    return out
+
+
+def _supervised_natural(cfg: Mapping[str, Any], run: Path, common: Mapping[str, Any], force: bool) -> str:
+    """The supervised-pretraining arm's start: the fine-tuning bundle trained on all natural labels."""
+    manifest = natural_manifest(_resolve(cfg["natural_dir"], Path(cfg["_base"])), run / "data" / "natural.csv")
+    root = run / "pretrain" / "supervised" / "finetune_classification"
+    run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
+               {**common, "manifest": str(manifest), "label_fraction": 1.0, "seed": 0,
+                **(cfg.get("supervised") or {})},
+               run, "pretrain_supervised", root / "models/model.pt", force=force)
+    return str(root / "models" / "model.pt")
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:

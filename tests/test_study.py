@@ -13,7 +13,8 @@ from medssl_monai.pipeline import load_pipeline_config
 from medssl_monai.study import run_study, validate_study
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*label_efficiency*.json") if "h100" not in p.name)
+CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*label_efficiency*.json")
+                 if "h100" not in p.name and "lease" not in p.name)
 VARIANTS = sorted((REPO / "configs" / "experiments" / "variants").glob("*.json"))
 
 
@@ -24,7 +25,9 @@ def test_study_configs_are_valid(path: Path) -> None:
     require_data("ham10000")
     cfg = load_pipeline_config(path, required="arms")
     assert validate_study(cfg) == []
-    assert set(cfg["arms"]) == {"random", "phase1", "phase1_simclr", "phase1_micle"}  # the four arms of issue 5
+    assert {"random", "phase1", "phase1_simclr", "phase1_micle"} <= set(cfg["arms"])  # the four arms of issue 5
+    if "gpu" not in path.name:
+        assert "supervised" in cfg["arms"]  # issue 11's fifth arm, on CPU too
     assert {0.1, 0.2, 1.0} <= {float(f) for f in cfg["fractions"]}
 
 
@@ -155,3 +158,59 @@ def test_study_config_keys_are_checked(tmp_path: Path) -> None:
     assert any("no seeds for fraction 0.5" in p for p in problems)
     assert any("unknown_arm" in p for p in problems)
     assert any("parallel_finetunes" in p for p in problems)
+
+
+def test_lease_config_is_the_whole_study_with_five_arms() -> None:
+    cfg = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_lease.json", required="arms")
+    assert validate_study(cfg, check_data=False) == []
+    assert set(cfg["arms"]) == {"random", "phase1", "phase1_simclr", "phase1_micle", "supervised"}
+    assert cfg["medical_per_arm"]["phase1_micle"]["max_epochs"] >= 100
+    assert {float(f) for f in cfg["fractions"]} == {0.1, 0.2, 1.0} and all(len(v) == 3 for v in cfg["seeds"].values())
+    assert cfg["common"]["cache"] == "device" and cfg["medical"]["views_on"] == "device"
+
+
+def _class_folders(root: Path, classes: int = 2, per_class: int = 6) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        for i in range(per_class):
+            d = root / "train" / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.full((24, 24, 3), 60 + 120 * c, dtype=np.uint8)
+            Image.fromarray(np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)).save(
+                d / f"{i}.png")
+    return root
+
+
+def test_supervised_arm_trains_on_natural_labels_then_fine_tunes(tmp_path: Path) -> None:
+    from conftest import require_data
+
+    from medssl_monai.study import natural_manifest
+
+    natural = _class_folders(tmp_path / "nat")
+    m = pd.read_csv(natural_manifest(natural, tmp_path / "natural.csv", holdout_every=3))
+    assert set(m["label"]) == {"class0", "class1"} and (m["split"] == "val").sum() == 4  # no val/: held out
+    ham = require_data("ham10000")
+    cfg = {
+        "_base": str(tmp_path), "run_dir": "@study",
+        "table": {"path": str(ham / "metadata.csv"), "group_col": "lesion_id", "label_col": "dx",
+                  "instance_col": "image_id", "subset": "mini"},
+        "natural_dir": str(natural),
+        "common": {"backbone": "cbr_tiny", "image_size": 16, "in_channels": 3, "num_workers": 0, "cache": "host",
+                   "source_size": [24, 32]},
+        "supervised": {"max_epochs": 1, "batch_size": 4, "source_size": [24, 24]},
+        "finetune": {"max_epochs": 1, "batch_size": 32},
+        "arms": ["supervised"], "fractions": [1.0], "seeds": {"1.0": [0]}, "min_seeds": 1,
+        "eval_from_validation": True,
+    }
+    assert validate_study(cfg) == []
+    results = run_study(cfg)
+    run = tmp_path / "study"
+    assert list(results["arm"]) == ["supervised"]
+    pre = (run / "logs" / "pretrain_supervised.log").read_text()
+    assert "saved" in pre and "class0" in pre  # a classifier of the natural classes
+    ft = (run / "logs" / "ft_supervised_1_s0.log").read_text()
+    assert "pretrained model.pt -> backbone" in ft and "missing 0" in ft
+    assert (run / "image_cache").is_dir()  # the study's one cache, shared by the runs

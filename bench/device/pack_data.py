@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--ham-quality", type=int, default=80)
     ap.add_argument("--natural-size", type=int, default=128)
     ap.add_argument("--natural-quality", type=int, default=85)
+    ap.add_argument("--natural-val-per-class", type=int, default=0,
+                    help="also pack this many imagenette val images per class (phase 1's k-NN, supervised arm)")
     a = ap.parse_args()
     meta = pd.read_csv(a.shared / "ham10000" / "metadata.csv")
     for p in meta["path"]:
@@ -46,8 +48,15 @@ def main() -> None:
         if not out.is_file():
             _save(src, out, (a.natural_size, a.natural_size), a.natural_quality)
         n += 1
+    if a.natural_val_per_class > 0:
+        for cls in sorted(p for p in (a.shared / "imagenette" / "val").iterdir() if p.is_dir()):
+            for src in sorted(cls.glob("*.JPEG"))[: a.natural_val_per_class]:
+                out = a.out / "imagenette" / src.relative_to(a.shared / "imagenette")
+                if not out.is_file():
+                    _save(src, out, (a.natural_size, a.natural_size), a.natural_quality)
+                n += 1
     size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / 2**20
-    print(f"{len(meta)} HAM10000 images, {n} imagenette train images -> {a.out} ({size:.1f} MiB)")
+    print(f"{len(meta)} HAM10000 images, {n} imagenette images -> {a.out} ({size:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from monai.data import Dataset
 from monai.data.utils import worker_init_fn
 from monai.transforms import Compose, CopyItemsd, DeleteItemsd, Resized, ToTensord
 
-from ..data import ContrastivePairDataset, LoadManifestImaged, MultiInstanceIndex, read_manifest
+from ..data import (
+    CACHE_MODES,
+    CachedPairLoader,
+    ContrastivePairDataset,
+    ImageCache,
+    LoadManifestImaged,
+    MultiInstanceIndex,
+    build_image_cache,
+    read_manifest,
+)
 from ..data.bad_images import BadImageLog, SkipUnreadable, SkipUnreadableDataset, collate_readable
 from ..transforms import ContrastiveViewsd, EnsureFloatImaged
 
@@ -107,6 +117,33 @@ def load_rows(
     return df.reset_index(drop=True)
 
 
+def _image_cache(rows: pd.DataFrame, cache: str, source_size: int | Sequence[int] | None, image_size: int,
+                 channels: int, cache_dir: str | os.PathLike | None, budget_gib: float | None,
+                 device: str | torch.device | None = None, num_workers: int = 0) -> ImageCache:
+    """The decoded-image cache of ``rows`` (see :mod:`medssl_monai.data.cache`); failed rows are logged."""
+    images = build_image_cache(rows, source_size, channels, mode=cache, cache_dir=cache_dir, device=device,
+                               budget_gib=budget_gib, num_workers=num_workers, image_size=image_size)
+    if images.failures:
+        logger.warning("image cache: %d of %d images could not be decoded and are left out", len(images.failures),
+                       len(rows))
+    logger.info("image cache (%s): %d images at %s, %.1f MiB, %d decoded now", cache, len(images.images),
+                images.source_size, images.nbytes() / 2**20, images.decoded)
+    return images
+
+
+def cached_items(items: list[dict[str, Any]], rows: pd.DataFrame, cache: str,
+                  source_size: int | Sequence[int] | None, image_size: int, channels: int,
+                  cache_dir: str | os.PathLike | None, budget_gib: float | None) -> list[dict[str, Any]]:
+    """``items`` with ``image`` replaced by the row's cached uint8 ``(C, H, W)`` (host RAM: per-item
+    transforms run on the CPU), rows that could not be decoded dropped."""
+    images = _image_cache(rows, "host", source_size, image_size, channels, cache_dir, budget_gib)
+    out = []
+    for item, slot in zip(items, images.slots):
+        if slot >= 0:
+            out.append({**item, "image": images.images[int(slot)]})
+    return out
+
+
 def contrastive_dataset(
     rows: pd.DataFrame,
     pairing: str = "micle",
@@ -119,7 +156,13 @@ def contrastive_dataset(
     seed: int = 0,
     views_on: str = "cpu",
     source_size: int | Sequence[int] | None = None,
-) -> SkipUnreadableDataset:
+    cache: str = "none",
+    cache_dir: str | os.PathLike | None = None,
+    cache_budget_gib: float | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+) -> SkipUnreadableDataset | CachedPairLoader:
     """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``.
 
     A pair with an unreadable image is replaced by the next readable item and recorded in the run's
@@ -128,7 +171,27 @@ def contrastive_dataset(
     ``views_on="device"``: the items are the two source images resized to ``source_size`` (``(H, W)`` or
     a side; default twice ``image_size``), not augmented; ``BatchViews`` makes the views on the
     accelerator (``batch_views_for``), where per-item CPU work would starve it.
+
+    ``cache="host"`` / ``"device"`` (needs ``views_on="device"``): every image decoded once into the
+    decoded-image cache (``cache_dir`` on disk, shared by runs), and the result is a
+    :class:`~medssl_monai.data.CachedPairLoader` of ``batch_size`` pairs, which ``make_loader`` passes
+    through: pairs are drawn per batch from index arrays and gathered from RAM or the device.
     """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache != "none":
+        if views_on != "device":
+            raise ValueError(f"cache: {cache!r} holds the uint8 sources for views made per batch: set views_on: "
+                             "device (or cache: none for per-item CPU views)")
+        if not batch_size:
+            raise ValueError("cache: host|device needs batch_size (the pairs are drawn per batch)")
+        # built in host RAM; CachedPairLoader moves only this rank's shard to the device
+        images = _image_cache(rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib, None,
+                              num_workers)
+        kept = rows[images.kept].reset_index(drop=True)
+        images = images.take(np.flatnonzero(images.kept))
+        return CachedPairLoader(images, MultiInstanceIndex(kept, level=level), int(batch_size), pairing=pairing,
+                                groups=groups, seed=seed, mode=cache, device=device)
     keys = ("image_1", "image_2")
     if views_on == "device":
         size = (2 * image_size,) * 2 if source_size is None else source_size
@@ -162,12 +225,16 @@ def skip_unreadable(transform: Any, phase: str, total: int) -> SkipUnreadable:
 
 
 def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
-                 classes: Sequence[str] | None = None, cache: bool = False, phase: str = "eval") -> Dataset:
+                 classes: Sequence[str] | None = None, cache: bool = False, image_cache: str = "none",
+                 source_size: int | Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
+                 cache_budget_gib: float | None = None, phase: str = "eval") -> Dataset:
     """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation.
 
     ``cache`` decodes and resizes every image once and keeps the tensors (MONAI ``CacheDataset``): for
-    monitors that read the same images every epoch. Unreadable images are ``None`` items, recorded under
-    ``phase``; load them with :func:`make_loader` (or ``collate_fn=collate_readable``), which drops them.
+    monitors that read the same images every epoch. ``image_cache`` (``host``/``device``) reads the
+    decoded-image cache instead of the files (``source_size`` sources, resized to ``image_size``).
+    Unreadable images are ``None`` items, recorded under ``phase``; load them with :func:`make_loader`
+    (or ``collate_fn=collate_readable``), which drops them.
     """
     items = []
     for r in rows.to_dict("records"):
@@ -177,8 +244,11 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
             label = r.get("label")
             item["label"] = list(classes).index(label) if isinstance(label, str) and label in classes else -1
         items.append(item)
+    if image_cache != "none":
+        items = cached_items(items, rows, image_cache, source_size, image_size, channels, cache_dir,
+                              cache_budget_gib)
     transform = skip_unreadable(Compose([
-        LoadManifestImaged(keys="image", channels=channels),
+        *([] if image_cache != "none" else [LoadManifestImaged(keys="image", channels=channels)]),
         EnsureFloatImaged(keys="image", num_channels=channels),
         Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),  # area: alias-free downscale
     ]), phase, len(items))
@@ -202,6 +272,8 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
     """
     import ignite.distributed as idist
 
+    if getattr(dataset, "yields_batches", False):  # e.g. CachedPairLoader: already batches, sharded per rank
+        return dataset
     if distributed and idist.get_world_size() > 1 and not even_divisible:
         from monai.data import DistributedSampler
 
@@ -219,7 +291,10 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
 
 
 def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_size: int = 64, channels: int = 3,
-                           augment: bool = False, multi_label: bool = False, preset: str | None = None) -> Dataset:
+                           augment: bool = False, multi_label: bool = False, preset: str | None = None,
+                           cache: str = "none", source_size: int | Sequence[int] | None = None,
+                           cache_dir: str | os.PathLike | None = None, cache_budget_gib: float | None = None
+                           ) -> Dataset:
     """Labelled images for fine-tuning/evaluation: ``{"image", "label", "sop_uid", "patient_id"}``.
 
     An unreadable image is recorded in the run's errors file (phase ``train`` with ``augment``, else
@@ -229,6 +304,8 @@ def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_siz
     flips); without it images are resized whole, as at inference. ``preset`` (a view preset name, e.g. the
     one the backbone was pretrained with) sets the flips: its ``hflip_prob``/``vflip_prob`` (``chest_xray``:
     no flips, laterality is a cue; ``dermatology``: both); without one, horizontal flips with p = 0.5.
+    ``cache`` (``host``/``device``): the images come from the decoded-image cache (``source_size``) instead
+    of the files; the augmentation stays per item on the CPU, only the decoding is gone.
     """
     from ..data.labels import LabelEncoder
     from ..transforms import RandomResizedCropd
@@ -237,6 +314,9 @@ def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_siz
     items = [{"image": r, "label": encoder.encode(r["label"]), "sop_uid": str(r.get("sop_uid") or r["path"]),
               "patient_id": str(r.get("patient_id"))} for r in rows.to_dict("records")]
     load = [LoadManifestImaged(keys="image", channels=channels), EnsureFloatImaged(keys="image", num_channels=channels)]
+    if cache != "none":
+        items = cached_items(items, rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib)
+        load = load[1:]
     if augment:
         from monai.transforms import RandFlipd
 
@@ -279,7 +359,8 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
                 dataset_dir: str | os.PathLike | None = None, train_split: str = "train", val_split: str = "val",
                 interval: int = 1, k: int = 20, image_size: int = 64, channels: int = 3, batch_size: int = 64,
                 num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu",
-                summary_writer: Any = None) -> Any:
+                summary_writer: Any = None, cache: str = "none", source_size: int | Sequence[int] | None = None,
+                cache_dir: str | os.PathLike | None = None, cache_budget_gib: float | None = None) -> Any:
     """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
     (``interval <= 0``, no labels, or no validation split) or need not (ranks other than 0 under DDP: the
     monitor reads the plain backbone, no collective, and only rank 0 logs it)."""
@@ -304,8 +385,10 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
     val = val.sample(n=min(max_images, len(val)), random_state=0)
     classes = sorted(set(train["label"]) | set(val["label"]))
     # cached: the monitor reads the same images every epoch (at most 2 x max_images x C x size^2 floats)
-    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True, phase="knn"), batch_size,
-                           num_workers, shuffle=False) for df in (train, val)]
+    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True, image_cache=cache,
+                                        source_size=source_size, cache_dir=cache_dir,
+                                        cache_budget_gib=cache_budget_gib, phase="knn"), batch_size, num_workers,
+                           shuffle=False) for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
                       summary_writer=summary_writer, num_classes=len(classes))
 

@@ -1,5 +1,7 @@
 """Data layer: index image exports into manifests, group them, split them, and load their pixels."""
 
+from .batch_pairs import CachedPairLoader, PairIndex
+from .cache import CACHE_MODES, CacheBudgetError, ImageCache, build_image_cache, row_report_key, source_shape
 from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
 from .grouping import LEVELS, MultiInstanceIndex
 from .labels import EncodeLabeld, LabelEncoder
@@ -18,10 +20,14 @@ from .splits import (
 from .table import table_to_manifest
 
 __all__ = [
+    "CACHE_MODES",
     "LEVELS",
     "MANIFEST_COLUMNS",
+    "CacheBudgetError",
+    "CachedPairLoader",
     "ContrastivePairDataset",
     "EncodeLabeld",
+    "ImageCache",
     "IndexResult",
     "LabelEncoder",
     "LeakageError",
@@ -29,8 +35,10 @@ __all__ = [
     "LoadManifestImaged",
     "MissingCodecError",
     "MultiInstanceIndex",
+    "PairIndex",
     "Pseudonymizer",
     "SkipFile",
+    "build_image_cache",
     "check_no_leakage",
     "errors_path",
     "fraction_column",
@@ -42,6 +50,8 @@ __all__ = [
     "read_manifest",
     "read_series",
     "select_labelled",
+    "row_report_key",
+    "source_shape",
     "split_groups",
     "summarize",
     "table_to_manifest",

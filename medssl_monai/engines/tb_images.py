@@ -24,7 +24,9 @@ _GAP = 2  # pixels of white between views and between pairs
 
 def _to_display(image: torch.Tensor) -> torch.Tensor:
     """One item ``(C, H, W)`` or ``(C, H, W, D)`` -> ``(1 or 3, H, W)`` float (a 3D volume shows its middle slice)."""
-    image = image.detach().as_subclass(torch.Tensor).float().cpu()
+    image = image.detach().as_subclass(torch.Tensor)
+    # uint8 sources (the decoded-image cache's batches, before BatchViews) are shown in [0, 1] like floats
+    image = image.float().div(255.0).cpu() if image.dtype == torch.uint8 else image.float().cpu()
     if image.ndim == 2:
         image = image[None]
     if image.ndim == 4:

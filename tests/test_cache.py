@@ -1,0 +1,199 @@
+"""The decoded-image cache: contents per reader path, disk reuse and rebuild, budget, bad files, shards.
+
+The reference for every reader path is the loader's own output (``LoadManifestImage`` + the [0, 1] scaling
+of ``EnsureFloatImage``, what the per-item path feeds the views), resized here by block means (area
+interpolation at an integer factor) and rounded to uint8: computed without the cache's resize.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import medssl_monai.data.reader as reader_module
+from medssl_monai.data import CacheBudgetError, LoadManifestImage, build_image_cache
+from medssl_monai.sample_data import synthetic_image, write_dicom
+from medssl_monai.transforms import EnsureFloatImage
+
+
+def reference(row: dict, h: int, w: int) -> np.ndarray:
+    img = EnsureFloatImage(num_channels=3)(LoadManifestImage(channels=3)(row))
+    x = torch.as_tensor(img).as_subclass(torch.Tensor).double().numpy()
+    c, hh, ww = x.shape
+    blocks = x.reshape(c, h, hh // h, w, ww // w).mean(axis=(2, 4))
+    return np.clip(np.rint(blocks * 255.0), 0, 255)
+
+
+def reader_rows(tmp_path: Path, pydicom_test_file) -> list[dict]:
+    m1 = synthetic_image(1, 3, 4, 32)
+    write_dicom(tmp_path / "m1.dcm", (4095 - m1).astype(np.uint16), patient_id="P", study_uid="1.2",
+                series_uid="1.2.1", sop_uid="1.2.1.2", photometric="MONOCHROME1", rescale=(1.0, -1024.0))
+    rng = np.random.default_rng(0)
+    photo = (rng.uniform(0, 1, (40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    Image.fromarray(photo).save(tmp_path / "p.jpg", quality=90)
+    vol = rng.normal(100.0, 30.0, (20, 24, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    return [
+        {"path": str(tmp_path / "m1.dcm"), "sop_uid": "mono1"},
+        {"path": pydicom_test_file("SC_rgb_dcmtk_+eb+cy+np.dcm"), "sop_uid": "ybr"},
+        {"path": pydicom_test_file("SC_rgb_rle_2frame.dcm"), "sop_uid": "frames", "frame_index": 1},
+        {"path": str(tmp_path / "p.jpg"), "sop_uid": "jpeg"},
+        {"path": str(tmp_path / "p.png"), "sop_uid": "png"},
+        {"path": str(tmp_path / "v.nii.gz"), "sop_uid": "nifti", "slice_index": 3},
+    ]
+
+
+def test_cache_equals_loader_output_for_every_reader_path(tmp_path: Path, pydicom_test_file) -> None:
+    rows = reader_rows(tmp_path, pydicom_test_file)
+    for row in rows:
+        full = LoadManifestImage(channels=3)(row)
+        h, w = full.shape[1] // 2, full.shape[2] // 2
+        cache = build_image_cache([row], (h, w), channels=3, cache_dir=tmp_path / "cache", progress=False)
+        assert not cache.failures, cache.failures
+        got = cache.images[0].numpy().astype(np.float64)
+        assert cache.images.dtype == torch.uint8 and got.shape == (3, h, w)
+        want = reference(row, h, w)
+        assert np.abs(got - want).max() <= 1, row["sop_uid"]  # rounding only
+        assert got.std() > 5, row["sop_uid"]  # a real picture, not a constant
+    # the frame really is the one asked for: frame 0 differs
+    frame0 = build_image_cache([{**rows[2], "frame_index": 0}], (50, 50), progress=False).images[0]
+    frame1 = build_image_cache([rows[2]], (50, 50), progress=False).images[0]
+    assert not torch.equal(frame0, frame1)
+
+
+def _pngs(folder: Path, n: int, size: tuple[int, int] = (24, 32)) -> pd.DataFrame:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray((rng.uniform(0, 255, (*size, 3))).astype(np.uint8)).save(p)
+        rows.append({"path": str(p), "sop_uid": f"uid{i}", "patient_id": f"pat{i // 2}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def count_decodes(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    original = reader_module.LoadManifestImage.__call__
+
+    def counting(self, row):
+        calls.append(str(row["path"]) if isinstance(row, dict) else str(row))
+        return original(self, row)
+
+    monkeypatch.setattr(reader_module.LoadManifestImage, "__call__", counting)
+    return calls
+
+
+def test_disk_cache_reused_and_changed_row_rebuilt(tmp_path: Path, count_decodes: list[str]) -> None:
+    rows = _pngs(tmp_path / "img", 6)
+    store = tmp_path / "cache"
+    first = build_image_cache(rows, (12, 16), cache_dir=store, progress=False)
+    assert len(count_decodes) == 6 and first.decoded == 6
+    count_decodes.clear()
+    second = build_image_cache(rows, (12, 16), cache_dir=store, progress=False)
+    assert count_decodes == [] and second.decoded == 0  # read, not decoded
+    assert torch.equal(first.images, second.images)
+    # a subset in another order (another split, the k-NN monitor's sample) is served from the same store
+    sub = build_image_cache(rows.iloc[[4, 1]], (12, 16), cache_dir=store, progress=False)
+    assert count_decodes == [] and torch.equal(sub.images, first.images[[4, 1]])
+    # another source size is another store: decoded again
+    build_image_cache(rows, (6, 8), cache_dir=store, progress=False)
+    assert len(count_decodes) == 6
+    count_decodes.clear()
+    # change one file: only that row is decoded again, and it holds the new picture
+    changed = Path(rows.loc[3, "path"])
+    Image.fromarray(np.full((24, 32, 3), 200, dtype=np.uint8)).save(changed)
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = build_image_cache(rows, (12, 16), cache_dir=store, progress=False)
+    assert count_decodes == [str(changed)] and third.decoded == 1
+    assert (third.images[3] == 200).all()
+    keep = [0, 1, 2, 4, 5]
+    assert torch.equal(third.images[keep], first.images[keep])
+    assert len(list(next(store.iterdir()).glob("images-*.npy"))) == 1  # old generations removed
+    # the index holds digests, not paths
+    index_text = (next(p for p in store.iterdir() if (p / "index.json").is_file()) / "index.json").read_text()
+    assert str(tmp_path) not in index_text
+
+
+def test_budget_refusal_is_one_clear_line(tmp_path: Path, count_decodes: list[str]) -> None:
+    rows = _pngs(tmp_path / "img", 4)
+    with pytest.raises(CacheBudgetError) as err:
+        build_image_cache(rows, (512, 512), budget_gib=0.001, cache_dir=tmp_path / "c", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    need = 4 * 3 * 512 * 512 / 2**30
+    assert f"needs {need:.2f} GiB" in msg and "allowed 0.00 GiB" in msg and "cache_budget_gib" in msg
+    assert "source_size" in msg and "cache: none" in msg
+    assert count_decodes == [] and not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_undecodable_rows_reported_by_key_and_left_out(tmp_path: Path) -> None:
+    rows = _pngs(tmp_path / "secret_folder", 3)
+    bad = tmp_path / "secret_folder" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    rows = pd.concat([rows, pd.DataFrame([
+        {"path": str(bad), "sop_uid": "pseudo-key-1", "patient_id": "x"},
+        {"path": str(tmp_path / "secret_folder" / "gone.png"), "sop_uid": "pseudo-key-2", "patient_id": "y"},
+    ])], ignore_index=True)
+    for cache_dir in (None, tmp_path / "cache", tmp_path / "cache"):  # in RAM, built, then read back
+        cache = build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+        assert cache.slots.tolist() == [0, 1, 2, -1, -1] and len(cache.images) == 3
+        assert [f["key"] for f in cache.failures] == ["pseudo-key-1", "pseudo-key-2"]
+        for f in cache.failures:
+            assert "secret_folder" not in f["reason"] and f["reason"]
+
+
+def test_take_keeps_a_shard_on_a_device(tmp_path: Path) -> None:
+    rows = _pngs(tmp_path / "img", 5)
+    cache = build_image_cache(rows, (12, 16), progress=False)
+    part = cache.take([3, 1], device="cpu")
+    assert torch.equal(part.images, cache.images[[3, 1]]) and part.slots.tolist() == [0, 1]
+    dev = build_image_cache(rows, (12, 16), mode="device", device="cpu", progress=False)
+    assert torch.equal(dev.images, cache.images)
+
+
+def test_bundles_train_one_epoch_from_the_cache(tmp_path: Path, ham10000: Path) -> None:
+    """micle_medical (views per batch from the host cache, k-NN monitor from it too), then a fine-tune."""
+    import shutil
+    import subprocess
+    import sys
+
+    from medssl_monai.data import table_to_manifest, write_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    m = table_to_manifest(ham10000 / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
+    manifest = tmp_path / "ham_mini.csv"
+    write_manifest(m[m["mini"]], manifest)
+    store = tmp_path / "image_cache"
+    common = ["--manifest", str(manifest), "--max_epochs", "1", "--batch_size", "16", "--image_size", "16",
+              "--backbone", "resnet18", "--cache", "host", "--source_size", "[24, 32]", "--cache_dir", str(store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    roots = {}
+    for name, extra in (("micle_medical", ["--views_on", "device", "--limit", "64", "--knn_interval", "1"]),
+                        ("finetune_classification", ["--label_fraction", "1.0"])):
+        root = tmp_path / name
+        shutil.copytree(repo / "bundles" / name, root, ignore=shutil.ignore_patterns("*.pt", "output"))
+        if name == "finetune_classification":
+            extra += ["--pretrained_ckpt", str(roots["micle_medical"] / "models" / "model.pt")]
+        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root), "--config_file",
+                            str(root / "configs" / "train.json"), *common, *extra], cwd=repo, capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        assert (root / "models" / "model.pt").is_file()
+        roots[name] = root
+    log = (roots["micle_medical"] / "output" / "train.log").read_text()
+    assert "image cache (host): 64 images at (24, 32)" in log and "views made on the training device" in log
+    assert "Epoch[1]" in log or "Epoch: 1" in log
+    ft_log = (roots["finetune_classification"] / "output" / "train.log").read_text()
+    assert "image cache (host)" in ft_log
+    assert len(list(store.glob("*/index.json"))) == 1  # one store, shared by both bundles
