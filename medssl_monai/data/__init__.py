@@ -6,7 +6,14 @@ from .labels import EncodeLabeld, LabelEncoder
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
 from .pairs import ContrastivePairDataset
 from .pseudonymize import Pseudonymizer, load_or_create_salt
-from .reader import LoadManifestImage, LoadManifestImaged, MissingCodecError, read_dicom_frame, read_series
+from .reader import (
+    LoadManifestImage,
+    LoadManifestImaged,
+    MissingCodecError,
+    read_dicom_frame,
+    read_series,
+    series_folder_image,
+)
 from .splits import (
     LeakageError,
     check_no_leakage,
@@ -42,6 +49,7 @@ __all__ = [
     "read_manifest",
     "read_series",
     "select_labelled",
+    "series_folder_image",
     "split_groups",
     "summarize",
     "table_to_manifest",
