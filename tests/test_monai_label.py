@@ -251,3 +251,6 @@ def test_monai_label_serves_the_unchanged_bundle_from_orthanc(tmp_path: Path) ->
             stop(proc)
         orthanc.stop()
     assert tree_digest(served) == before  # MONAI Label ran the bundle without changing a file of it
+    secret = orthanc.auth[1].encode()  # given to MONAI Label through its environment only
+    leaked = [p for root in (tmp_path / "ml", app) for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert not leaked, leaked
