@@ -31,9 +31,11 @@ demo: venv
 bench: venv
 	$(PY) bench/bench_index.py
 
-# MONAI Label 0.8.5 in its own venv (about 6 minutes; kept between runs): scripts/monai_label_env.sh
+# MONAI Label 0.8.5 in its own venv (about 6 minutes once; seconds when it is there): scripts/monai_label_env.sh.
+# MEDSSL_MONAILABEL_VENV puts it elsewhere (a cache outside the clone); tests/test_monai_label.py looks there too.
+MONAILABEL_VENV ?= $(or $(MEDSSL_MONAILABEL_VENV),.monailabel-venv)
 monai-label-env:
-	PYTHON=$(PYTHON) scripts/monai_label_env.sh .monailabel-venv
+	PYTHON=$(PYTHON) scripts/monai_label_env.sh $(MONAILABEL_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

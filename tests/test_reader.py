@@ -22,6 +22,7 @@ from medssl_monai.data import (
     index_tree,
     read_dicom_frame,
     read_series,
+    series_folder_image,
 )
 from medssl_monai.sample_data import synthetic_image, write_dicom
 
@@ -171,3 +172,29 @@ def test_bad_path_errors_name_the_file(tmp_path: Path) -> None:
         LoadManifestImage()(str(tmp_path / "nope.dcm"))
     with pytest.raises(ValueError, match="read_manifest"):
         LoadManifestImage()({"path": "pm:abc"})
+
+
+def test_dicom_series_folder(tmp_path: Path) -> None:
+    """A series folder (how MONAI Label's DICOMweb datastore hands over an image id) loads as its one image,
+    or as the middle instance by Instance Number; other files in the folder are ignored."""
+    one = tmp_path / "one"
+    one.mkdir()
+    img = synthetic_image(2, 1, 0, 24)
+    write_dicom(one / "1.2.3.1.dcm", img, patient_id="P", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.1")
+    (one / "notes.txt").write_text("not DICOM")
+    folder = LoadManifestImaged(keys="image", channels=1)({"image": str(one)})["image"]
+    np.testing.assert_array_equal(folder.numpy(), LoadManifestImage(channels=1)(str(one / "1.2.3.1.dcm")).numpy())
+
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    for n in (3, 1, 2):  # file names in another order than the Instance Numbers
+        write_dicom(stack / f"z{4 - n}.dcm", synthetic_image(0, n, 0, 16), patient_id="P", study_uid="1.2",
+                    series_uid="1.2.4", sop_uid=f"1.2.4.{n}", instance_number=n)
+    assert Path(series_folder_image(stack)).name == "z2.dcm"  # instance 2 of 1..3
+    np.testing.assert_array_equal(LoadManifestImage()(str(stack))[0].numpy(), synthetic_image(0, 2, 0, 16))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"empty: a folder without DICOM images"):
+        LoadManifestImage()(str(empty))

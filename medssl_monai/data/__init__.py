@@ -8,7 +8,14 @@ from .labels import EncodeLabeld, LabelEncoder
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
 from .pairs import ContrastivePairDataset
 from .pseudonymize import Pseudonymizer, load_or_create_salt
-from .reader import LoadManifestImage, LoadManifestImaged, MissingCodecError, read_dicom_frame, read_series
+from .reader import (
+    LoadManifestImage,
+    LoadManifestImaged,
+    MissingCodecError,
+    read_dicom_frame,
+    read_series,
+    series_folder_image,
+)
 from .splits import (
     LeakageError,
     check_no_leakage,
@@ -51,6 +58,7 @@ __all__ = [
     "read_series",
     "row_report_key",
     "select_labelled",
+    "series_folder_image",
     "source_shape",
     "split_groups",
     "summarize",

@@ -33,6 +33,7 @@ __all__ = [
     "MissingCodecError",
     "read_dicom_frame",
     "read_series",
+    "series_folder_image",
 ]
 
 _CODEC_HINT = "pip install 'medssl-monai[codecs]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, python-gdcm)"
@@ -167,6 +168,35 @@ def read_series(paths: Sequence[str | os.PathLike]) -> MetaTensor:
                       meta={"filename_or_obj": ordered[0], "spacing": list(spacing), "files": len(ordered)})
 
 
+def series_folder_image(folder: str | os.PathLike) -> str:
+    """The DICOM file that stands for a series folder: its only image, or the middle one by Instance Number.
+
+    DICOMweb clients (MONAI Label's DICOMweb datastore among them) hand a series over as a folder of its
+    instances; radiographs are one image per series, and for a stack the middle instance matches the middle
+    slice this reader takes from a volume. Files that are not DICOM images (no pixel data) are ignored.
+    """
+    folder = str(folder)
+    silence_pydicom_logger()
+    found: list[tuple[int, str, str]] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(entry.path, defer_size=1024)  # pixel data stays on disk
+        except Exception:
+            continue
+        if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            continue
+        number = ds.get("InstanceNumber")
+        found.append((int(number) if number not in (None, "") else 0, str(ds.get("SOPInstanceUID", "")),
+                      entry.path))
+    if not found:
+        raise FileNotFoundError(f"{folder}: a folder without DICOM images (a series folder holds one DICOM "
+                                "file per instance)")
+    found.sort()
+    return found[len(found) // 2][2]
+
+
 def _to_channels(img: torch.Tensor, channels: int | None, where: str) -> torch.Tensor:
     if channels is None or img.shape[0] == channels:
         return img
@@ -184,6 +214,9 @@ def _to_channels(img: torch.Tensor, channels: int | None, where: str) -> torch.T
 
 class LoadManifestImage(Transform):
     """Load a manifest row (or a file path) as a 2-D channel-first float32 ``MetaTensor``.
+
+    A path may also be a DICOM series folder (:func:`series_folder_image` picks its image), which is what
+    MONAI Label's DICOMweb datastore passes for an image id.
 
     Args:
         channels: force 1 (luma) or 3 (grey replicated, alpha dropped) channels; ``None`` keeps the file's.
@@ -225,7 +258,9 @@ class LoadManifestImage(Transform):
         if path.startswith("pm:"):
             raise ValueError(f"{path}: an opaque pseudonymised key: read the manifest with read_manifest() so "
                              "that keys resolve through its private path map")
-        if not os.path.isfile(path):
+        if os.path.isdir(path):  # a DICOM series folder (e.g. MONAI Label's DICOMweb datastore): one image of it
+            path, row = series_folder_image(path), {**row, "source": "dicom"}
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: image file not found")
         source = self._source(path, row)
         if source == "dicom":
