@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .bundle.locate import bundles_root
+
 __all__ = ["PHASES", "load_pipeline_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 #: phase name -> (bundle, config file, the phase whose model it starts from)
 PHASES: dict[str, tuple[str, str, str | None]] = {
     "simclr": ("simclr_natural", "train.json", None),
@@ -103,7 +104,7 @@ def _resolve(value: Any, base: Path) -> Any:
 
 
 def _bundles_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(cfg.get("bundles_dir") or REPO_BUNDLES)
+    return Path(cfg["bundles_dir"]) if cfg.get("bundles_dir") else bundles_root()
 
 
 def prepare_data(cfg: Mapping[str, Any], run_dir: Path, force: bool = False) -> Path | None:
