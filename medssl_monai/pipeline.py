@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .bundle.locate import bundles_root
-
 __all__ = ["PHASES", "load_pipeline_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +102,8 @@ def _resolve(value: Any, base: Path) -> Any:
 
 
 def _bundles_dir(cfg: Mapping[str, Any]) -> Path:
+    from .bundle.locate import bundles_root  # here: importing the bundle layer loads torch and MONAI
+
     return Path(cfg["bundles_dir"]) if cfg.get("bundles_dir") else bundles_root()
 
 
