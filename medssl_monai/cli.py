@@ -1,4 +1,5 @@
-"""``medssl`` command line: index an export, adapt a table, split a manifest, run the pipeline."""
+"""``medssl`` command line: index an export, adapt a table, split a manifest, run the pipeline, export the
+bundles."""
 
 from __future__ import annotations
 
@@ -279,6 +280,28 @@ def cmd_results_to_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundles(args: argparse.Namespace) -> int:
+    from .bundle.export import export_bundles
+    from .bundle.locate import BUNDLE_NAMES, bundles_root
+
+    if args.action == "list":
+        root = bundles_root()
+        for name in BUNDLE_NAMES:
+            print(f"{name:<25} {root / name}")
+        return 0
+    if not args.dir:
+        print("error: medssl bundles export needs a target folder", file=sys.stderr)
+        return 2
+    try:
+        written = export_bundles(args.dir, args.bundle or None, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"{path.name:<25} {path}")
+    return 0
+
+
 def _json_arg(text: str | None, flag: str) -> dict:
     """A JSON object given on the command line (e.g. a slimmed net's ``{"block_inplanes": [...]}``)."""
     if not text:
@@ -417,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-file", help="file of one line, 'user:password' or a bearer token (chmod 600)")
     s.add_argument("--ca-bundle", help="PEM file of the hospital CA")
     s.set_defaults(func=cmd_results_to_dicom)
+
+    s = sub.add_parser("bundles", help="list the shipped MONAI bundles, or export them to a folder of your own")
+    s.add_argument("action", choices=["list", "export"])
+    s.add_argument("dir", nargs="?", help="export: target folder; each bundle goes to DIR/<name>/ (MONAI Label's "
+                   "model folder layout, and a --bundle_root for python -m monai.bundle run)")
+    s.add_argument("--bundle", action="append", metavar="NAME",
+                   help="export only this bundle (repeatable): simclr_natural, micle_medical, finetune_classification")
+    s.add_argument("--overwrite", action="store_true", help="replace bundle folders that exist in DIR")
+    s.set_defaults(func=cmd_bundles)
 
     s = sub.add_parser("similarity", help="layer-wise SVCCA/CKA between two models' stages on the same images")
     s.add_argument("ckpt_a")

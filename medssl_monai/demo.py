@@ -3,6 +3,10 @@
 Generates ``sample_data/`` (a small DICOM study tree with labels), then runs ``configs/pipeline_demo.json``:
 index (pseudonymised) -> patient split -> MICLe pretraining -> fine-tuning -> evaluation on the test split,
 each phase through its MONAI bundle. ``--config`` runs another pipeline config (e.g. a real DICOM folder).
+
+The demo config ships inside the package (``medssl_monai/configs`` is a link to the top-level ``configs/``),
+so an installed wheel runs the demo too; its sample data and run folder go under ``--workdir`` (the current
+folder: the repository root for ``make demo``).
 """
 
 from __future__ import annotations
@@ -11,25 +15,35 @@ import argparse
 import json
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 from .pipeline import load_pipeline_config, run_pipeline
 from .sample_data import make_sample_data
 
-REPO = Path(__file__).resolve().parents[1]
+
+def demo_config() -> Path:
+    """The shipped ``pipeline_demo.json`` (package data, in a checkout and in a wheel alike)."""
+    return Path(str(resources.files("medssl_monai").joinpath("configs", "pipeline_demo.json")))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "pipeline_demo.json"))
+    ap.add_argument("--config", default=None, help="a pipeline config (default: the shipped demo config)")
+    ap.add_argument("--workdir", default=".", help="where the demo's sample_data/ and runs/demo/ go")
     ap.add_argument("--patients", type=int, default=30, help="patients in the generated sample")
     ap.add_argument("--force", action="store_true", help="re-run every phase")
     args = ap.parse_args(argv)
     t0 = time.time()
-    cfg = load_pipeline_config(args.config)
-    if Path(args.config).resolve() == (REPO / "configs" / "pipeline_demo.json").resolve():
-        info = make_sample_data(REPO / "sample_data", n_patients=args.patients)
-        print(f"sample data: {info['files']} files, {info['patients']} labelled patients -> sample_data/")
+    cfg = load_pipeline_config(args.config or demo_config())
+    if args.config is None:
+        workdir = Path(args.workdir).resolve()
+        # the demo config's @ paths (@../sample_data, @../runs/demo) are written from a configs/ folder beside
+        # them: resolve them from <workdir>/configs, wherever the package (and so the file) is installed
+        cfg["_base"] = str(workdir / "configs")
+        info = make_sample_data(workdir / "sample_data", n_patients=args.patients)
+        print(f"sample data: {info['files']} files, {info['patients']} labelled patients -> "
+              f"{workdir / 'sample_data'}")
         args.force = True  # a regenerated sample invalidates earlier results
     roots = run_pipeline(cfg, force=args.force)
     if "evaluate" in roots:

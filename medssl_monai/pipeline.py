@@ -23,7 +23,6 @@ __all__ = ["PHASES", "POST_PHASES", "load_pipeline_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 #: phase name -> (bundle, config file, the phase whose model it starts from)
 PHASES: dict[str, tuple[str, str, str | None]] = {
     "simclr": ("simclr_natural", "train.json", None),
@@ -109,7 +108,9 @@ def _resolve(value: Any, base: Path) -> Any:
 
 
 def _bundles_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(cfg.get("bundles_dir") or REPO_BUNDLES)
+    from .bundle.locate import bundles_root  # here: importing the bundle layer loads torch and MONAI
+
+    return Path(cfg["bundles_dir"]) if cfg.get("bundles_dir") else bundles_root()
 
 
 def _source_args(data: Mapping[str, Any], base: Path) -> list[str]:

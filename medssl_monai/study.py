@@ -28,8 +28,9 @@ from typing import Any
 
 import pandas as pd
 
+from .bundle.locate import bundle_path
 from .data.manifest import atomic_write_text, write_manifest
-from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, load_pipeline_config, run_bundle
+from .pipeline import _resolve, bundle_minutes, load_pipeline_config, run_bundle
 from .report import final_validation
 
 __all__ = ["ARMS", "run_study", "validate_study"]
@@ -50,7 +51,7 @@ SUPERVISED_ARMS = ("supervised",)
 
 
 def _bundle_keys(bundle: str, config_file: str = "train.json") -> set[str]:
-    return set(json.loads((REPO_BUNDLES / bundle / "configs" / config_file).read_text()))
+    return set(json.loads((bundle_path(bundle) / "configs" / config_file).read_text()))
 
 
 def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
@@ -166,7 +167,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         models["phase1"] = given["phase1"]
     elif any(ARMS[a][0] for a in arms):
         root = run / "pretrain" / "phase1" / "simclr_natural"
-        run_bundle(REPO_BUNDLES / "simclr_natural", "train.json", root,
+        run_bundle(bundle_path("simclr_natural"), "train.json", root,
                    {**common, "dataset_dir": _resolve(cfg["natural_dir"], base), "knn_interval": 0,
                     **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force)
         models["phase1"] = str(root / "models" / "model.pt")
@@ -181,7 +182,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
             models[arm] = given[arm]
             continue
         root = run / "pretrain" / arm / "micle_medical"
-        run_bundle(REPO_BUNDLES / "micle_medical", "train.json", root,
+        run_bundle(bundle_path("micle_medical"), "train.json", root,
                    {**common, "manifest": str(manifest), "pairing": pairing, "patient_aware": pairing == "micle",
                     "pretrained_ckpt": models["phase1"], **(cfg.get("medical") or {}),
                     **((cfg.get("medical_per_arm") or {}).get(arm) or {})},
@@ -197,7 +198,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     def finetune(point: tuple[str, float, int]) -> Path:
         arm, frac, seed = point
         root = run / "finetune" / arm / f"f{frac:g}_s{seed}" / "finetune_classification"
-        return run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
+        return run_bundle(bundle_path("finetune_classification"), "train.json", root,
                           {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
                            "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
                           run, f"ft_{arm}_{frac:g}_s{seed}", root / "models/model.pt", force=force)
@@ -217,7 +218,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
             m = final_validation(root / "output" / "tensorboard")
         else:
             ev = root / "output" / f"eval_{eval_split}"
-            run_bundle(REPO_BUNDLES / "finetune_classification", ("train.json", "evaluate.json"), root,
+            run_bundle(bundle_path("finetune_classification"), ("train.json", "evaluate.json"), root,
                        {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
                         "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
                        copy=False, force=force)
@@ -253,7 +254,7 @@ def _supervised_natural(cfg: Mapping[str, Any], run: Path, common: Mapping[str, 
     """The supervised-pretraining arm's start: the fine-tuning bundle trained on all natural labels."""
     manifest = natural_manifest(_resolve(cfg["natural_dir"], Path(cfg["_base"])), run / "data" / "natural.csv")
     root = run / "pretrain" / "supervised" / "finetune_classification"
-    run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root,
+    run_bundle(bundle_path("finetune_classification"), "train.json", root,
                {**common, "manifest": str(manifest), "label_fraction": 1.0, "seed": 0,
                 **(cfg.get("supervised") or {})},
                run, "pretrain_supervised", root / "models/model.pt", force=force)

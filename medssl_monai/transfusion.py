@@ -25,8 +25,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .bundle.locate import bundle_path
 from .data.manifest import atomic_write_text
-from .pipeline import REPO_BUNDLES, _resolve, bundle_minutes, run_bundle
+from .pipeline import _resolve, bundle_minutes, run_bundle
 from .report import read_curve
 from .study import _bundle_keys, prepare_experiment
 
@@ -201,7 +202,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     phase1: dict[str, Path] = {}
     for model in cfg["models"]:
         root = run / "pretrain" / model / "simclr_natural"
-        run_bundle(REPO_BUNDLES / "simclr_natural", "train.json", root,
+        run_bundle(bundle_path("simclr_natural"), "train.json", root,
                    {**common, "backbone": model, "dataset_dir": str(natural), **(cfg.get("pretrain") or {})},
                    run, f"pretrain_{model}", root / "models/model.pt", force=force)
         phase1[model] = root / "models" / "model.pt"
@@ -225,7 +226,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
             overrides["transfer_k"] = r["k"]
         if r["slim"]:
             overrides["backbone_kwargs"] = r["slim"]
-        run_bundle(REPO_BUNDLES / "finetune_classification", "train.json", root, overrides, run,
+        run_bundle(bundle_path("finetune_classification"), "train.json", root, overrides, run,
                    f"ft_{r['experiment']}_{name}", root / "models/model.pt", force=force)
         curve = read_curve(root / "output" / "tensorboard")
         curve.to_csv(root / "output" / "val_curve.csv", index=False)
