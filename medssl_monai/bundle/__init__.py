@@ -20,6 +20,7 @@ from .distributed import (
     world_size,
     wrap_ddp,
 )
+from .overrides import check_cli_overrides
 from .run import (
     bundle_classes,
     evaluate_classifier,
@@ -33,6 +34,7 @@ from .weights import classifier_def, load_pretrained
 
 __all__ = [
     "bundle_classes",
+    "check_cli_overrides",
     "classification_dataset",
     "classifier_def",
     "contrastive_dataset",
