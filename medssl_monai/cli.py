@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,7 +229,8 @@ def _one_line(e: BaseException) -> str:
             text = f"missing key {e.args[0]!r}"
         elif not isinstance(e, (CliError, ValueError, RuntimeError, FileNotFoundError)):
             text = f"{type(e).__name__}: {text}"
-    return "; ".join(line.strip(" -") for line in text.splitlines() if line.strip(" -"))
+    lines = (re.sub(r"^\s*-\s+", "", line).strip() for line in text.splitlines())  # "- item" bullets
+    return "; ".join(line for line in lines if line).replace(":; ", ": ")
 
 
 def build_parser() -> argparse.ArgumentParser:

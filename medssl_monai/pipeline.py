@@ -265,15 +265,24 @@ def check_overrides(bundle_src: Path, config_file: str, overrides: Mapping[str, 
 
 
 def _failure_line(log: Path) -> str:
-    """The last exception line of a bundle's log (``ValueError: ...``), for a one-line failure message."""
+    """The root cause of a bundle's failure from its log (``ValueError: unknown backbone ...``), for a
+    one-line message: the first exception of the last traceback chain (MONAI wraps the real error in
+    ``RuntimeError: Failed to instantiate ...``)."""
     import re
 
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    hits = [x.strip() for x in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b:?", x.strip())]
-    return f": {hits[-1][:300]}" if hits else ""
+    chained = ("The above exception was the direct cause", "During handling of the above exception")
+    head = 0
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            before = next((x for x in reversed(lines[:i]) if x.strip()), "")
+            if not before.startswith(chained):
+                head = i
+    hits = [x.strip() for x in lines[head:] if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b:?", x)]
+    return f": {hits[0][:300]}" if hits else ""
 
 
 def run_bundle(bundle_src: Path, config_file: str, root: Path, overrides: Mapping[str, Any], run_dir: Path,
