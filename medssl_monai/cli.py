@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["main"]
+__all__ = ["CliError", "build_parser", "main"]
 
 logger = logging.getLogger("medssl")
 
@@ -234,8 +236,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, required="arms")
     problems = validate_study(cfg)
     if problems:
-        print("study config problems:\n- " + "\n- ".join(problems), file=sys.stderr)
-        return 1
+        raise CliError(f"{args.config}: study config problems: " + "; ".join(problems))
     if args.validate_only:
         print(f"{args.config}: valid ({len(cfg['arms'])} arms, fractions {cfg['fractions']})")
         return 0
@@ -251,8 +252,7 @@ def cmd_transfusion(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, required="models")
     problems = validate_transfusion(cfg)
     if problems:
-        print("transfusion config problems:\n- " + "\n- ".join(problems), file=sys.stderr)
-        return 1
+        raise CliError(f"{args.config}: transfusion config problems: " + "; ".join(problems))
     if args.validate_only:
         print(f"{args.config}: valid ({len(cfg['models'])} backbones, {len(plan_runs(cfg))} fine-tuning runs)")
         return 0
@@ -309,9 +309,9 @@ def _json_arg(text: str | None, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{flag}: not valid JSON ({e}): {text!r}") from None
+        raise CliError(f"{flag}: not valid JSON ({e}): {text!r}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"{flag}: expected a JSON object, got {text!r}")
+        raise CliError(f"{flag}: expected a JSON object, got {text!r}")
     return value
 
 
@@ -348,9 +348,35 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A user error: ``main`` prints it as one line, ``medssl <command>: error: <message>``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line too (``--help`` still shows the usage); sub-parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one readable line: an OSError names its file, a multi-line message is joined."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
+    else:
+        text = str(e) or type(e).__name__
+        if isinstance(e, KeyError) and e.args:  # str(KeyError) is only the quoted key
+            text = f"missing key {e.args[0]!r}"
+        elif not isinstance(e, (CliError, ValueError, RuntimeError, FileNotFoundError)):
+            text = f"{type(e).__name__}: {text}"
+    lines = (re.sub(r"^\s*-\s+", "", line).strip() for line in text.splitlines())  # "- item" bullets
+    return "; ".join(line for line in lines if line).replace(":; ", ": ")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medssl", description=__doc__)
+    p = _Parser(prog="medssl", description=__doc__)
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("index", help="index a DICOM/NIfTI folder tree (headers only) into a manifest CSV")
@@ -474,9 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Any error is one line on stderr, ``medssl <command>: error: <message>``, and exit
+    status 1 (2 for a usage error); ``--debug`` lets the exception through, traceback and all."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
-    return int(args.func(args) or 0)
+    try:
+        _setup_logging(args.quiet)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"medssl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"medssl {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

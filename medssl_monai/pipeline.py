@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PHASES", "POST_PHASES", "load_pipeline_config", "run_pipeline"]
+__all__ = ["PHASES", "POST_PHASES", "check_data_config", "load_pipeline_config", "run_pipeline", "unknown_keys",
+           "validate_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,130 @@ DATA_COHORT_KEY = "cohort"
 _SECRET_KEYS = {"password", "token", "user", "username", "secret", "auth"}
 
 
+#: top-level keys of a pipeline config (besides ``_comment``-style keys starting with ``_``)
+PIPELINE_KEYS = frozenset({"run_dir", "data", "common", "phases", "label_efficiency", "report", "bundles_dir",
+                           "allow_expressions"})
+_DATA_KEYS = frozenset({"labels", "pseudonymize", "split", "label_fractions", "seed", DATA_COHORT_KEY,
+                        *DATA_SOURCE_KEYS})
+_LABEL_EFFICIENCY_KEYS = frozenset({"fractions", "seeds", "inits"})
+_INITS = ("pretrained", "random")
+
+
 def load_pipeline_config(path: str | os.PathLike, required: str = "phases") -> dict[str, Any]:
     """Read a pipeline (or study: ``required="arms"``) config, JSON or YAML; ``@`` paths in it are relative
-    to the config file."""
+    to the config file. A file holding MONAI expressions, macros or references is refused unless it says
+    ``allow_expressions: true`` (:func:`check_data_config`)."""
     cfg = _read_config(Path(path), ())
     if required not in cfg:
         raise ValueError(f"{path}: this config needs a {required!r} entry")
     return cfg
+
+
+def check_data_config(cfg: Mapping[str, Any], source: str, at_paths: bool = True) -> None:
+    """Refuse what MONAI would run or resolve (``$`` expressions, ``%`` macros, ``@@``/MONAI ``@`` references,
+    ``_target_`` keys) anywhere in an experiment config, unless its top level says ``allow_expressions: true``.
+
+    The drivers pass config values to ``python -m monai.bundle run`` as overrides, and MONAI's parser would
+    evaluate them: ``"max_epochs": "$__import__('os').system(...) or 1"`` ran. Such a config is data.
+    """
+    allow = cfg.get("allow_expressions", False)
+    if not isinstance(allow, bool):
+        raise ValueError(f"{source}: allow_expressions must be true or false, got {allow!r}")
+    if allow:
+        return
+    from .bundle.overrides import interpreted_values
+
+    found = interpreted_values({k: v for k, v in cfg.items() if k != "_base"}, at_paths=at_paths)
+    if found:
+        raise ValueError(f"{source}: {found[0]}; an experiment config is data, not code: remove it, or set "
+                         f"top-level \"allow_expressions\": true if you trust this file"
+                         + (f" ({len(found) - 1} more: {', '.join(f.split(':')[0] for f in found[1:])})"
+                            if len(found) > 1 else ""))
+
+
+def unknown_keys(section: Mapping[str, Any] | Any, known: Any, where: str, comments: bool = False) -> list[str]:
+    """``"<where>: unknown key 'x'; did you mean 'y'?"`` for each key of ``section`` not in ``known``.
+
+    ``comments``: keys starting with ``_`` (``_comment``) are notes, not settings.
+    """
+    from .bundle.overrides import did_you_mean
+
+    if not isinstance(section, Mapping):
+        return [f"{where}: expected a mapping, got {section!r}"] if section not in (None, False) else []
+    return [f"{where}: unknown key {k!r}{did_you_mean(k, known)}" for k in section
+            if k not in known and not (comments and str(k).startswith("_"))]
+
+
+def _files(config_file: Path | Sequence[Path]) -> list[Path]:
+    return [Path(config_file)] if isinstance(config_file, (str, Path)) else [Path(f) for f in config_file]
+
+
+def bundle_config_files(bundle_dir: Path, config_file: str | Sequence[str]) -> list[Path]:
+    """The config file(s) of a bundle run: one name, or a list merged in order (``train.json`` +
+    ``evaluate.json``)."""
+    names = [config_file] if isinstance(config_file, str) else list(config_file)
+    return [bundle_dir / "configs" / n for n in names]
+
+
+def unknown_overrides(overrides: Mapping[str, Any] | Any, config_file: Path | Sequence[Path], where: str,
+                      config: Mapping[str, Any] | None = None) -> list[str]:
+    """Override ids (``key`` or ``key#sub``) naming nothing in a bundle config file (or the merge of a list
+    of them), with the nearest name."""
+    from .bundle.overrides import load_bundle_config, unknown_override
+
+    if not isinstance(overrides, Mapping):
+        return [f"{where}: expected a mapping of bundle overrides, got {overrides!r}"] if overrides else []
+    files = _files(config_file)
+    config = load_bundle_config(files) if config is None else config
+    name = "+".join("/".join(f.parts[-3:]) for f in files)
+    return [f"{where}: unknown bundle override {why}" for k in overrides
+            if (why := unknown_override(str(k), config, name))]
+
+
+def validate_pipeline(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems with a pipeline config (empty when it can run): unknown keys anywhere, with the nearest
+    known name, and bundle overrides that name no key of the phase's bundle config."""
+    problems = unknown_keys(cfg, PIPELINE_KEYS, "top level", comments=True)
+    problems += unknown_keys(cfg.get("data") or {}, _DATA_KEYS, "data", comments=True)
+    le = cfg.get("label_efficiency") or {}
+    problems += unknown_keys(le, _LABEL_EFFICIENCY_KEYS, "label_efficiency", comments=True)
+    if isinstance(le, Mapping):
+        problems += [f"label_efficiency.inits: unknown init {i!r} (known: {list(_INITS)})"
+                     for i in le.get("inits", []) if i not in _INITS]
+    phases = cfg.get("phases")
+    if not isinstance(phases, Mapping):
+        return [*problems, f"phases: expected a mapping of phase -> bundle overrides, got {phases!r}"]
+    problems += unknown_keys(phases, {**PHASES, **POST_PHASES}, "phases")
+    bundles = _bundles_dir(cfg)
+    enabled = [n for n in PHASES if phases.get(n) is not None and phases.get(n) is not False]
+    configs = {n: bundle_config_files(bundles / PHASES[n][0], PHASES[n][1]) for n in enabled}
+    missing = [f"phases.{n}: bundle config {f} not found" for n, c in configs.items() for f in c if not f.is_file()]
+    if missing:
+        return problems + missing
+    from .bundle.overrides import load_bundle_config
+
+    loaded = {n: load_bundle_config(c) for n, c in configs.items()}
+    for n in enabled:
+        problems += unknown_overrides(phases[n] or {}, configs[n], f"phases.{n}", loaded[n])
+    common = cfg.get("common") or {}
+    if not isinstance(common, Mapping):
+        return [*problems, f"common: expected a mapping of bundle overrides, got {common!r}"]
+    from .bundle.overrides import did_you_mean, unknown_override
+
+    keys = {k for c in loaded.values() for k in c}
+    for k in common:  # a common key goes to each phase whose config has it: it must name a key of one
+        if loaded and all(unknown_override(str(k), c) for c in loaded.values()):
+            problems.append(f"common: unknown bundle override {k!r} is not a key of any phase's bundle config"
+                            f"{did_you_mean(str(k).split('#')[0], keys)}")
+    return problems
+
+
+def for_config(overrides: Mapping[str, Any], config_file: Path | Sequence[Path]) -> dict[str, Any]:
+    """The ``common`` overrides that name a key of this bundle config (the rest are for other phases)."""
+    from .bundle.overrides import load_bundle_config, unknown_override
+
+    config = load_bundle_config(_files(config_file))
+    return {k: v for k, v in overrides.items() if unknown_override(str(k), config) is None}
 
 
 def _read_config(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -67,10 +185,18 @@ def _read_config(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path in seen:
         raise ValueError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen))})")
     text = path.read_text()
-    cfg = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
+    try:
+        cfg = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
+    except ValueError as e:  # json.JSONDecodeError; yaml.YAMLError is handled the same way below
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("yaml"):
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise
     if not isinstance(cfg, Mapping):
         raise ValueError(f"{path}: a config must be a mapping, got {type(cfg).__name__}")
     cfg = dict(cfg)
+    check_data_config(cfg, str(path))  # each file on its own: a parent's opt-in does not cover its variants
     parent = cfg.pop("extends", None)
     if parent is not None:
         parent_path = Path(_resolve(parent if str(parent).startswith("@") else f"@{parent}", path.parent))
@@ -168,12 +294,12 @@ def prepare_data(cfg: Mapping[str, Any], run_dir: Path, force: bool = False) -> 
         args += ["--pseudonymize", str(run_dir / "data" / "salt.key")]
     if data.get("labels"):
         args += ["--labels", _resolve(data["labels"], base)]
-    if cli(args) != 0:
+    if cli(["--debug", *args]) != 0:  # --debug: its error reaches our caller as an exception, said once
         raise RuntimeError(f"indexing {args[1]} failed")
     split = data.get("split", {"train": 0.6, "val": 0.2, "test": 0.2})
     fractions = ",".join(f"{k}={v}" for k, v in split.items())
     label_fractions = ",".join(str(f) for f in data.get("label_fractions", [0.1, 0.2, 1.0]))
-    if cli(["split", str(manifest), "--fractions", fractions, "--label-fractions", label_fractions,
+    if cli(["--debug", "split", str(manifest), "--fractions", fractions, "--label-fractions", label_fractions,
             "--seed", str(data.get("seed", 0))]) != 0:
         raise RuntimeError("splitting the manifest failed")
     return manifest
@@ -183,13 +309,50 @@ def _cli_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
 
+def check_overrides(bundle_src: Path, config_file: str | Sequence[str], overrides: Mapping[str, Any], tag: str,
+                    allow_expressions: bool = False) -> None:
+    """Refuse, before launching, overrides that name no key of the bundle config (a typo would silently
+    add an unused key) and values MONAI would run or resolve (unless ``allow_expressions``)."""
+    problems = unknown_overrides(overrides, bundle_config_files(bundle_src, config_file), tag)
+    if not allow_expressions:
+        from .bundle.overrides import interpreted_values
+
+        problems += [f"{tag}: override {f}" for f in interpreted_values(dict(overrides))]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _failure_line(log: Path) -> str:
+    """The root cause of a bundle's failure from its log (``ValueError: unknown backbone ...``), for a
+    one-line message: the first exception of the last traceback chain (MONAI wraps the real error in
+    ``RuntimeError: Failed to instantiate ...``)."""
+    import re
+
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    chained = ("The above exception was the direct cause", "During handling of the above exception")
+    head = 0
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            before = next((x for x in reversed(lines[:i]) if x.strip()), "")
+            if not before.startswith(chained):
+                head = i
+    hits = [x.strip() for x in lines[head:] if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b:?", x)]
+    return f": {hits[0][:300]}" if hits else ""
+
+
 def run_bundle(bundle_src: Path, config_file: str | Sequence[str], root: Path, overrides: Mapping[str, Any],
-               run_dir: Path, tag: str, done: Path, copy: bool = True, force: bool = False) -> Path:
+               run_dir: Path, tag: str, done: Path, copy: bool = True, force: bool = False,
+               allow_expressions: bool = False) -> Path:
     """Run ``config_file`` of a bundle copied to ``root`` (or already there) through MONAI's CLI.
 
     Skipped when ``done`` exists (unless ``force``); the overrides and the command go to
-    ``run_dir/configs/<tag>.json``, the output to ``run_dir/logs/<tag>.log``.
+    ``run_dir/configs/<tag>.json``, the output to ``run_dir/logs/<tag>.log``. Overrides are checked first
+    (:func:`check_overrides`): ``allow_expressions`` is the experiment config's opt-in.
     """
+    check_overrides(bundle_src, config_file, overrides, tag, allow_expressions)
     if done.is_file() and not force:
         logger.info("%s: %s exists, skipped (use --force to re-run)", tag, done)
         return root
@@ -216,7 +379,8 @@ def run_bundle(bundle_src: Path, config_file: str | Sequence[str], root: Path, o
     with open(logs / f"{tag}.log", "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
     if r.returncode != 0:
-        raise RuntimeError(f"{tag} failed (exit {r.returncode}); see {logs / f'{tag}.log'}")
+        raise RuntimeError(f"phase {tag} failed (exit {r.returncode}); see {logs / f'{tag}.log'}"
+                           f"{_failure_line(logs / f'{tag}.log')}")
     print(f"[{tag}] done in {time.time() - t0:.0f} s", flush=True)
     if not done.is_file():  # config files that leave no model behind (evaluation) mark completion here
         done.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +393,8 @@ def run_phase(name: str, cfg: Mapping[str, Any], run_dir: Path, overrides: Mappi
     bundle, config_file, _ = PHASES[name]
     root = run_dir / _RUNS_IN.get(name, name) / bundle
     return run_bundle(_bundles_dir(cfg) / bundle, config_file, root, overrides, run_dir, name,
-                      root / _DONE.get(name, "models/model.pt"), copy=name not in _RUNS_IN, force=force)
+                      root / _DONE.get(name, "models/model.pt"), copy=name not in _RUNS_IN, force=force,
+                      allow_expressions=cfg.get("allow_expressions") is True)
 
 
 def phase_seconds(run_dir: Path, name: str) -> float | None:
@@ -287,7 +452,8 @@ def run_label_efficiency(cfg: Mapping[str, Any], run_dir: Path, manifest: Path, 
                     raise ValueError("label_efficiency: the fine-tuning phase has no pretrained checkpoint to compare")
                 if not same_as_phase:
                     run_bundle(_bundles_dir(cfg) / "finetune_classification", "train.json", root, overrides, run_dir,
-                               f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force)
+                               f"le_{init}_{frac:g}_s{seed}", root / "models" / "model.pt", force=force,
+                               allow_expressions=cfg.get("allow_expressions") is True)
                 last = final_validation(root / "output" / "tensorboard")
                 rows.append({"arm": init, "fraction": frac, "seed": seed, "auc_macro": last["auc_macro"],
                              "balanced_accuracy": last.get("balanced_accuracy", float("nan"))})
@@ -325,7 +491,13 @@ def run_results_to_pacs(spec: Mapping[str, Any], predict_root: Path, manifest: P
 def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict[str, Path]:
     """Run every phase named in the config's ``phases`` (in PHASES order), handing checkpoints over."""
+    source = str(config) if not isinstance(config, Mapping) else "pipeline config"
+    if isinstance(config, Mapping):
+        check_data_config(config, source)
     cfg = load_pipeline_config(config) if not isinstance(config, Mapping) else dict(config)
+    problems = validate_pipeline(cfg)
+    if problems:  # before anything runs: a typo found after an hour of pretraining costs that hour
+        raise ValueError(f"{source}: " + "; ".join(problems))
     cfg.setdefault("_base", os.getcwd())
     base = Path(cfg["_base"])
     run = Path(run_dir or _resolve(cfg.get("run_dir", "runs/pipeline"), base))
@@ -337,7 +509,8 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
         phase = cfg["phases"].get(name)
         if phase is None or phase is False:
             continue
-        overrides: dict[str, Any] = dict(common)
+        bundle, config_file, _ = PHASES[name]
+        overrides: dict[str, Any] = for_config(common, bundle_config_files(_bundles_dir(cfg) / bundle, config_file))
         if manifest is not None and name != "simclr":
             overrides["manifest"] = str(manifest)
         start = PHASES[name][2]

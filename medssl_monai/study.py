@@ -30,7 +30,16 @@ import pandas as pd
 
 from .bundle.locate import bundle_path
 from .data.manifest import atomic_write_text, write_manifest
-from .pipeline import _resolve, bundle_minutes, load_pipeline_config, run_bundle
+from .pipeline import (
+    _resolve,
+    bundle_minutes,
+    check_data_config,
+    for_config,
+    load_pipeline_config,
+    run_bundle,
+    unknown_keys,
+    unknown_overrides,
+)
 from .report import final_validation
 
 __all__ = ["ARMS", "run_study", "validate_study"]
@@ -50,13 +59,30 @@ ARMS: dict[str, tuple[bool, str | None]] = {
 SUPERVISED_ARMS = ("supervised",)
 
 
-def _bundle_keys(bundle: str, config_file: str = "train.json") -> set[str]:
-    return set(json.loads((bundle_path(bundle) / "configs" / config_file).read_text()))
+#: top-level keys of a study config (besides ``_comment``-style keys starting with ``_``)
+STUDY_KEYS = frozenset({"run_dir", "table", "natural_dir", "common", "phase1", "medical", "medical_per_arm",
+                        "finetune", "arms", "fractions", "fractions_per_arm", "seeds", "min_seeds", "eval_split",
+                        "eval_from_validation", "pretrained", "parallel_finetunes", "allow_expressions"})
+
+
+def table_keys() -> set[str]:
+    """Keys of a config's ``table`` section: ``path``, ``subset`` and :func:`table_to_manifest`'s options."""
+    import inspect
+
+    from .data import table_to_manifest
+
+    return set(inspect.signature(table_to_manifest).parameters) - {"table", "pseudonymizer"} | {"path", "subset"}
+
+
+def _train_config(bundle: str) -> Path:
+    return bundle_path(bundle) / "configs" / "train.json"
 
 
 def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
-    """Problems with a study config (empty when it can run): arms, fractions, seeds, override keys, data."""
-    problems = []
+    """Problems with a study config (empty when it can run): unknown keys (with the nearest known name),
+    arms, fractions, seeds, bundle override ids, data."""
+    problems = unknown_keys(cfg, STUDY_KEYS, "top level", comments=True)
+    problems += unknown_keys(cfg.get("table") or {}, table_keys(), "table", comments=True)
     base = Path(cfg.get("_base", "."))
     arms = cfg.get("arms", [])
     problems += [f"unknown arm {a!r} (known: {sorted(ARMS)})" for a in arms if a not in ARMS]
@@ -86,15 +112,11 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         keys = cfg.get(section) or {}
         bundles = [bundle] if bundle else ["simclr_natural", "micle_medical", "finetune_classification"]
         for b in bundles:
-            unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys(b))
-            if unknown:
-                problems.append(f"{section}: keys {unknown} are not top-level keys of {b}/configs/train.json")
+            problems += unknown_overrides(keys, _train_config(b), section)
     for arm, keys in (cfg.get("medical_per_arm") or {}).items():
         if ARMS.get(arm, (False, None))[1] is None:
             problems.append(f"medical_per_arm: {arm!r} is not an arm with medical pretraining")
-        unknown = sorted(k.split("#")[0] for k in keys if k.split("#")[0] not in _bundle_keys("micle_medical"))
-        if unknown:
-            problems.append(f"medical_per_arm.{arm}: keys {unknown} are not top-level keys of micle_medical")
+        problems += unknown_overrides(keys, _train_config("micle_medical"), f"medical_per_arm.{arm}")
     for name, ckpt in (cfg.get("pretrained") or {}).items():
         if name != "phase1" and name not in SUPERVISED_ARMS and ARMS.get(name, (False, None))[1] is None:
             problems.append(f"pretrained: {name!r} is neither 'phase1' nor an arm with medical pretraining")
@@ -142,10 +164,13 @@ def prepare_experiment(config: str | Path | Mapping[str, Any], name: str, requir
                        ) -> tuple[dict[str, Any], Path, Path]:
     """What the study and transfusion drivers share: the config (read, validated), the run folder and the
     manifest built from the config's ``table`` inside it."""
+    source = str(config) if not isinstance(config, Mapping) else f"{name} config"
+    if isinstance(config, Mapping):
+        check_data_config(config, source)
     cfg = load_pipeline_config(config, required=required) if not isinstance(config, Mapping) else dict(config)
     problems = validate(cfg)
     if problems:
-        raise ValueError(f"{name} config problems:\n- " + "\n- ".join(problems))
+        raise ValueError(f"{source}: {name} config problems: " + "; ".join(problems))
     run = Path(run_dir or _resolve(cfg.get("run_dir", f"runs/{name}"), Path(cfg["_base"])))
     run.mkdir(parents=True, exist_ok=True)
     return cfg, run, _manifest(cfg, run)
@@ -156,6 +181,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     """Run (or resume: finished runs are skipped) the whole study; returns the per-run results table."""
     cfg, run, manifest = prepare_experiment(config, "study", "arms", validate_study, run_dir)
     base = Path(cfg["_base"])
+    code = cfg.get("allow_expressions") is True
     t0 = time.time()
     common = dict(cfg.get("common") or {})
     # one decoded-image cache for every arm and seed (bundles with cache: none never touch it)
@@ -169,7 +195,8 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         root = run / "pretrain" / "phase1" / "simclr_natural"
         run_bundle(bundle_path("simclr_natural"), "train.json", root,
                    {**common, "dataset_dir": _resolve(cfg["natural_dir"], base), "knn_interval": 0,
-                    **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force)
+                    **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force,
+                   allow_expressions=code)
         models["phase1"] = str(root / "models" / "model.pt")
     for arm in arms:
         if arm in SUPERVISED_ARMS:
@@ -186,7 +213,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                    {**common, "manifest": str(manifest), "pairing": pairing, "patient_aware": pairing == "micle",
                     "pretrained_ckpt": models["phase1"], **(cfg.get("medical") or {}),
                     **((cfg.get("medical_per_arm") or {}).get(arm) or {})},
-                   run, f"pretrain_{arm}", root / "models/model.pt", force=force)
+                   run, f"pretrain_{arm}", root / "models/model.pt", force=force, allow_expressions=code)
         models[arm] = str(root / "models" / "model.pt")
     seeds = {float(k): v for k, v in cfg["seeds"].items()}
     eval_split = cfg.get("eval_split", "val")
@@ -201,7 +228,8 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         return run_bundle(bundle_path("finetune_classification"), "train.json", root,
                           {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
                            "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
-                          run, f"ft_{arm}_{frac:g}_s{seed}", root / "models/model.pt", force=force)
+                          run, f"ft_{arm}_{frac:g}_s{seed}", root / "models/model.pt", force=force,
+                          allow_expressions=code)
 
     # fine-tunes are independent small jobs: on a GPU several at once keep it busy (each is its own process)
     with ThreadPoolExecutor(max_workers=int(cfg.get("parallel_finetunes", 1))) as pool:
@@ -219,9 +247,11 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         else:
             ev = root / "output" / f"eval_{eval_split}"
             run_bundle(bundle_path("finetune_classification"), ("train.json", "evaluate.json"), root,
-                       {**{k: v for k, v in common.items() if k != "num_workers"}, "manifest": str(manifest),
-                        "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}", ev / "metrics.json",
-                       copy=False, force=force)
+                       {**for_config({k: v for k, v in common.items() if k != "num_workers"},
+                                     [bundle_path("finetune_classification") / "configs" / f
+                                      for f in ("train.json", "evaluate.json")]),
+                        "manifest": str(manifest), "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}",
+                       ev / "metrics.json", copy=False, force=force, allow_expressions=code)
             m = json.loads((ev / "metrics.json").read_text())
         rows.append({"arm": arm, "fraction": frac, "seed": seed, "balanced_accuracy": m["balanced_accuracy"],
                      "auc_macro": m["auc_macro"], "accuracy": m.get("accuracy")})

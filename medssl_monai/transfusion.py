@@ -27,20 +27,30 @@ import torch
 
 from .bundle.locate import bundle_path
 from .data.manifest import atomic_write_text
-from .pipeline import _resolve, bundle_minutes, run_bundle
+from .pipeline import _resolve, bundle_minutes, run_bundle, unknown_keys, unknown_overrides
 from .report import read_curve
-from .study import _bundle_keys, prepare_experiment
+from .study import prepare_experiment, table_keys
 
 __all__ = ["plan_runs", "run_transfusion", "steps_to_target", "validate_transfusion"]
 
 logger = logging.getLogger(__name__)
+
+#: top-level keys of a transfusion config (besides ``_comment``-style keys starting with ``_``)
+TRANSFUSION_KEYS = frozenset({"run_dir", "table", "natural_dir", "natural_size", "common", "pretrain", "finetune",
+                              "models", "seeds", "model_seeds", "hybrid", "mean_var", "targets", "similarity",
+                              "allow_expressions"})
+_HYBRID_KEYS = frozenset({"model", "ks", "slim", "seeds"})
+_SIMILARITY_KEYS = frozenset({"split", "mode", "max_examples", "max_points"})
 
 
 def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
     """Problems with a transfusion config (empty when it can run)."""
     from .networks import available_backbones
 
-    problems = []
+    problems = unknown_keys(cfg, TRANSFUSION_KEYS, "top level", comments=True)
+    problems += unknown_keys(cfg.get("table") or {}, table_keys(), "table", comments=True)
+    problems += unknown_keys(cfg.get("hybrid") or {}, _HYBRID_KEYS, "hybrid", comments=True)
+    problems += unknown_keys(cfg.get("similarity") or {}, _SIMILARITY_KEYS, "similarity", comments=True)
     models = list(cfg.get("models") or [])
     if not models:
         problems.append("models: list at least one backbone")
@@ -52,10 +62,13 @@ def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> lis
     problems += [f"mean_var model {m!r} is not in models" for m in cfg.get("mean_var") or [] if m not in models]
     if not cfg.get("targets"):
         problems.append("targets: list at least one validation AUC to measure steps-to-target")
-    for section, bundle in (("pretrain", "simclr_natural"), ("finetune", "finetune_classification")):
-        unknown = sorted(k for k in (cfg.get(section) or {}) if k not in _bundle_keys(bundle))
-        if unknown:
-            problems.append(f"{section}: keys {unknown} are not top-level keys of {bundle}/configs/train.json")
+    for section, bundles in (("common", ("simclr_natural", "finetune_classification")),
+                             ("pretrain", ("simclr_natural",)), ("finetune", ("finetune_classification",))):
+        for bundle in bundles:
+            problems += unknown_overrides(cfg.get(section) or {}, bundle_path(bundle) / "configs" / "train.json",
+                                          section)
+        if section == "common":
+            continue
         fixed = sorted(set(cfg.get(section) or {}) & _PER_RUN_KEYS)
         if fixed:
             problems.append(f"{section}: {fixed} are set per run by the experiments (they would make arms equal)")
@@ -191,6 +204,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     """Run (or resume: finished runs are skipped) the four experiments; returns the per-run table."""
     cfg, run, manifest = prepare_experiment(config, "transfusion", "models", validate_transfusion, run_dir)
     base = Path(cfg["_base"])
+    code = cfg.get("allow_expressions") is True
     t0 = time.time()
     common = dict(cfg.get("common") or {})
     in_channels = int(common.get("in_channels", 3))
@@ -204,7 +218,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
         root = run / "pretrain" / model / "simclr_natural"
         run_bundle(bundle_path("simclr_natural"), "train.json", root,
                    {**common, "backbone": model, "dataset_dir": str(natural), **(cfg.get("pretrain") or {})},
-                   run, f"pretrain_{model}", root / "models/model.pt", force=force)
+                   run, f"pretrain_{model}", root / "models/model.pt", force=force, allow_expressions=code)
         phase1[model] = root / "models" / "model.pt"
 
     rows = []
@@ -227,7 +241,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
         if r["slim"]:
             overrides["backbone_kwargs"] = r["slim"]
         run_bundle(bundle_path("finetune_classification"), "train.json", root, overrides, run,
-                   f"ft_{r['experiment']}_{name}", root / "models/model.pt", force=force)
+                   f"ft_{r['experiment']}_{name}", root / "models/model.pt", force=force, allow_expressions=code)
         curve = read_curve(root / "output" / "tensorboard")
         curve.to_csv(root / "output" / "val_curve.csv", index=False)
         last = curve.iloc[-1]

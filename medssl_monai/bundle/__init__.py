@@ -35,6 +35,7 @@ from .finetune import (
     other_metrics,
     training_labels,
 )
+from .overrides import check_cli_overrides
 from .run import (
     bundle_classes,
     evaluate_classifier,
@@ -53,6 +54,7 @@ __all__ = [
     "architecture_record",
     "build_finetune",
     "bundle_classes",
+    "check_cli_overrides",
     "classification_dataset",
     "classification_items",
     "classifier_def",
