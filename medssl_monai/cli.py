@@ -320,8 +320,8 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     from .bundle.data import eval_dataset, load_rows
     from .data.bad_images import collate_readable
+    from .metrics.similarity import save_similarity, stage_similarity
     from .networks import get_backbone, load_backbone_weights
-    from .similarity import save_similarity, stage_similarity
 
     rows = load_rows(manifest=args.manifest, split=args.split, limit=args.limit)
     rows = rows.sample(frac=1.0, random_state=0)  # a random subset when max_examples cuts it

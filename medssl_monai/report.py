@@ -128,7 +128,7 @@ def plot_embeddings(emb_csv: Path, manifest: pd.DataFrame, out_png: Path) -> int
 
 def subgroup_table(pred: pd.DataFrame, manifest: pd.DataFrame, columns=SUBGROUP_COLUMNS) -> pd.DataFrame:
     """Accuracy, balanced accuracy and macro AUC of the predictions per subgroup value."""
-    from .engines.metrics import balanced_accuracy, roc_auc_ovr
+    from .metrics.classification import balanced_accuracy, roc_auc_ovr
 
     m = manifest.drop_duplicates("sop_uid").set_index("sop_uid")
     df = pred.copy()

@@ -181,8 +181,8 @@ def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader,
     ``mode="positions"`` treats every spatial position as a data point (the SVCCA authors' recipe for conv
     layers), which also gives SVCCA many more rows than channels.
     """
+    from .metrics.similarity import stage_similarity
     from .networks import get_backbone, load_backbone_weights
-    from .similarity import stage_similarity
 
     nets = []
     for ckpt in (before, after):

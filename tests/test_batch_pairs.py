@@ -145,7 +145,7 @@ def test_ranks_draw_disjoint_shards_with_equal_steps(tmp_path: Path) -> None:
 
 
 def test_view_grid_shows_uint8_cache_batches_in_unit_range() -> None:
-    from medssl_monai.engines.tb_images import view_pairs_grid
+    from medssl_monai.handlers.view_pairs import view_pairs_grid
 
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     assert torch.allclose(view_pairs_grid(x, x), view_pairs_grid(x.float() / 255.0, x.float() / 255.0))

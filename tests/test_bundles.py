@@ -104,6 +104,14 @@ def test_phase2_starts_from_phase1(pretrained: dict[str, Path]) -> None:
     p1_state = torch.load(pretrained["p1"] / "models/model.pt", weights_only=True)
     assert state.keys() == p1_state.keys()
     assert not torch.equal(state["conv1.weight"], p1_state["conv1.weight"])  # it trained on from there
+    # the k-NN monitor (knn_interval 1) puts its value in the trainer's metrics; MONAI's handlers log it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(p2 / "output/tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    knn = [(e.step, e.value) for e in acc.Scalars("knn_top1")]
+    assert [step for step, _ in knn] == [1] and 0.0 <= knn[0][1] <= 1.0, knn
+    assert "Epoch[1] Metrics -- knn_top1: " in log
 
 
 def test_inference_writes_embeddings(pretrained: dict[str, Path]) -> None:

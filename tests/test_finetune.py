@@ -17,14 +17,14 @@ from PIL import Image
 
 from medssl_monai.bundle import build_finetune
 from medssl_monai.data import EncodeLabeld, LabelEncoder, select_labelled
-from medssl_monai.engines.metrics import (
+from medssl_monai.losses import class_weights
+from medssl_monai.metrics import (
     accuracy,
     balanced_accuracy,
     confusion_matrix,
     multilabel_auc,
     roc_auc_ovr,
 )
-from medssl_monai.losses import class_weights
 from medssl_monai.networks import get_backbone
 from medssl_monai.networks.heads import Classifier, ProjectionHead
 
@@ -414,7 +414,7 @@ def test_resumed_finetune_keeps_the_best_metric(tmp_path):
     assert evaluator2.state.best_metric_epoch == best_epoch
 
     # a checkpoint written before the best metric was saved still resumes (kept as initialised, with a warning)
-    from medssl_monai.engines.checkpoint import latest_checkpoint
+    from medssl_monai.handlers.checkpoint import latest_checkpoint
 
     path = latest_checkpoint(tmp_path / "ckpt")
     state = torch.load(path, weights_only=True)

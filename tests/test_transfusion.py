@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from medssl_monai.bundle import classifier_def, load_pretrained
-from medssl_monai.networks import get_backbone
+from medssl_monai.bundle import classifier_def
+from medssl_monai.networks import get_backbone, load_pretrained
 from medssl_monai.pipeline import load_pipeline_config
 from medssl_monai.report import final_validation, read_curve
 from medssl_monai.transfusion import (

@@ -35,6 +35,7 @@ from .finetune import (
     other_metrics,
     training_labels,
 )
+from .network import classifier_def
 from .overrides import check_cli_overrides
 from .run import (
     bundle_classes,
@@ -46,7 +47,6 @@ from .run import (
     write_metrics,
     write_predictions,
 )
-from .weights import classifier_def, load_pretrained
 
 __all__ = [
     "ARCHITECTURE_DEFAULTS",
@@ -73,7 +73,6 @@ __all__ = [
     "key_val_metric",
     "knn_monitor",
     "load_architecture",
-    "load_pretrained",
     "load_rows",
     "make_loader",
     "other_metrics",

@@ -359,12 +359,13 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
                 dataset_dir: str | os.PathLike | None = None, train_split: str = "train", val_split: str = "val",
                 interval: int = 1, k: int = 20, image_size: int = 64, channels: int = 3, batch_size: int = 64,
                 num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu",
-                summary_writer: Any = None, cache: str = "none", source_size: int | Sequence[int] | None = None,
+                cache: str = "none", source_size: int | Sequence[int] | None = None,
                 cache_dir: str | os.PathLike | None = None, cache_budget_gib: float | None = None) -> Any:
     """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
     (``interval <= 0``, no labels, or no validation split) or need not (ranks other than 0 under DDP: the
-    monitor reads the plain backbone, no collective, and only rank 0 logs it)."""
-    from ..engines.knn import KNNMonitor
+    monitor reads the plain backbone, no collective, and only rank 0 logs it). Its value lands in the trainer's
+    ``engine.state.metrics["knn_top1"]``: list it before the Stats/TensorBoard handlers that log it."""
+    from ..handlers.knn_monitor import KNNMonitor
     from .distributed import is_main
 
     if interval <= 0:
@@ -390,7 +391,7 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
                                         cache_budget_gib=cache_budget_gib, phase="knn"), batch_size, num_workers,
                            shuffle=False) for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
-                      summary_writer=summary_writer, num_classes=len(classes))
+                      num_classes=len(classes))
 
 
 def inference_items(rows: pd.DataFrame) -> list[dict[str, Any]]:

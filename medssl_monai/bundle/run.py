@@ -67,7 +67,7 @@ def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log", max_ba
 
 
 def _save_state(module: nn.Module, path: Path) -> None:
-    from ..engines.checkpoint import save_model_atomic
+    from ..handlers.checkpoint import save_model_atomic
 
     save_model_atomic(module, path)
 
@@ -129,7 +129,7 @@ def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root:
     ``models/architecture.json`` (what rebuilds the network: a copied bundle's ``inference.json`` and
     ``evaluate.json`` read it), and the metadata's input/output ``num_channels``, input ``spatial_shape`` and
     output ``channel_def`` (what MONAI Label and ``verify_net_in_out`` read), all atomically."""
-    from ..engines.checkpoint import save_model_atomic
+    from ..handlers.checkpoint import save_model_atomic
     from .distributed import is_main, unwrap
 
     root = Path(bundle_root)
@@ -188,7 +188,8 @@ def evaluate_classifier(network: nn.Module, loader: torch.utils.data.DataLoader,
     from monai.engines import SupervisedEvaluator
     from monai.transforms import Activationsd
 
-    from ..engines.metrics import ConfusionMatrixWriter, attach_classification_metrics
+    from ..handlers.confusion_matrix import ConfusionMatrixWriter
+    from ..metrics.classification import attach_classification_metrics
 
     out = Path(output_dir)
     post = Activationsd(keys="pred", sigmoid=multi_label, softmax=not multi_label)

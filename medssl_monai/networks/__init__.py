@@ -1,4 +1,4 @@
-"""Backbones, heads and weight-transfer tools for SSL pretraining and Transfusion-style studies."""
+"""Backbones, heads and (``weights/``) weight-transfer tools for SSL pretraining and Transfusion-style studies."""
 
 from medssl_monai.networks.backbones import (
     BACKBONES,
@@ -11,13 +11,14 @@ from medssl_monai.networks.backbones import (
 )
 from medssl_monai.networks.cbr import CBR_CONFIGS, CBRNet  # importing registers the cbr_* backbones
 from medssl_monai.networks.heads import Classifier, ClassifierHead, ProjectionHead, SSLModel
-from medssl_monai.networks.transfer import (
+from medssl_monai.networks.weights import (
     TRANSFER_MODES,
     TransferReport,
     WeightTransferError,
     extract_state_dict,
     import_torchvision_resnet,
     load_backbone_weights,
+    load_pretrained,
     map_torchvision_resnet_key,
     stage_keys,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "global_avg_pool",
     "import_torchvision_resnet",
     "load_backbone_weights",
+    "load_pretrained",
     "map_torchvision_resnet_key",
     "register_backbone",
     "stage_keys",

@@ -5,19 +5,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from ignite.engine import Engine
-from PIL import Image
 
-from medssl_monai.engines.metrics import (
-    ConfusionMatrixWriter,
+from medssl_monai.metrics.classification import (
     accuracy,
     attach_classification_metrics,
     balanced_accuracy,
     classification_metrics,
     confusion_matrix,
+    ignite_pred_label,
     metric_name,
     multilabel_auc,
     per_class_auc,
@@ -213,39 +211,11 @@ def test_classification_metrics_checks_names():
         classification_metrics(2, class_names=["a b", "a/b"])
 
 
-def test_confusion_matrix_writer(tmp_path, multiclass_data):
-    y, probs = multiclass_data
-    names = ["akiec", "bcc", "bkl", "df"]
-    engine, batches = _engine(y, probs)
-    writer = ConfusionMatrixWriter(tmp_path / "out", names)
-    writer.attach(engine)
-    engine.run(batches)
-    assert "confusion_matrix" not in engine.state.metrics  # kept out of the scalar metrics on purpose
-    expected = ref_confusion(y.tolist(), probs.argmax(1).tolist(), 4)
-    df = pd.read_csv(tmp_path / "out" / "confusion_matrix.csv", index_col=0)
-    assert list(df.columns) == names and list(df.index) == names
-    np.testing.assert_array_equal(df.to_numpy(), expected)
-    np.testing.assert_array_equal(writer.matrix, expected)
-    with Image.open(tmp_path / "out" / "confusion_matrix.png") as im:
-        im.verify()
-    with Image.open(tmp_path / "out" / "confusion_matrix.png") as im:
-        assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())  # no temp files left behind
-    assert files == ["confusion_matrix.csv", "confusion_matrix.png"]
-
-    # a later evaluation replaces the files with its own counts
-    engine.run(batches[:1])
-    df2 = pd.read_csv(tmp_path / "out" / "confusion_matrix.csv", index_col=0)
-    assert df2.to_numpy().sum() == len(batches[0][1])
-
-
 def test_labels_follow_the_preds_device() -> None:
     """On a GPU the evaluator's preds sit on the GPU while decollated labels may be on the CPU; Ignite's
     Accuracy compares them elementwise, so the labels are moved to the preds' device (a 'meta' device stands
     in for the GPU here)."""
-    from medssl_monai.engines.metrics import _normalised
-
     for multi_label, label in ((False, torch.tensor([0, 1, 2])), (True, torch.eye(3)[:, :2].T.reshape(3, 2))):
-        pred, y = _normalised(lambda out: out, multi_label)((torch.zeros(3, 2 if multi_label else 4,
-                                                                         device="meta"), label))
+        pred, y = ignite_pred_label(lambda out: out, multi_label)((torch.zeros(3, 2 if multi_label else 4,
+                                                                                device="meta"), label))
         assert pred.device == y.device == torch.device("meta")

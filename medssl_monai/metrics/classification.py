@@ -17,41 +17,31 @@ targets are class indices ``(N,)``, multi-label targets multi-hot ``(N, C)``.
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Accuracy, ConfusionMatrix, Metric, MetricsLambda
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import ROCAUCMetric, compute_roc_auc
 
-from ..data.manifest import atomic_write_bytes
-
 __all__ = [
     "ClassAUCMetric",
-    "ConfusionMatrixWriter",
     "accuracy",
     "attach_classification_metrics",
     "balanced_accuracy",
     "classification_metrics",
     "confusion_matrix",
-    "confusion_matrix_csv",
-    "confusion_matrix_png",
+    "ignite_pred_label",
     "metric_name",
     "multilabel_auc",
     "per_class_auc",
     "pred_label_transform",
     "roc_auc_ovr",
 ]
-
-logger = logging.getLogger(__name__)
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 
@@ -196,10 +186,11 @@ def pred_label_transform(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([torch.as_tensor(p) for p in preds]), torch.stack([torch.as_tensor(y) for y in labels])
 
 
-def _normalised(
+def ignite_pred_label(
     transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], multi_label: bool
 ) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
-    """Plain tensors as Ignite expects them: float ``(N, C)`` preds; long ``(N,)`` or float ``(N, C)``."""
+    """Wrap ``transform`` so that it returns plain tensors as Ignite's metrics expect them: float ``(N, C)``
+    preds; labels long ``(N,)`` (multi-class) or float ``(N, C)`` (multi-label), on the preds' device."""
 
     def fn(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         pred, label = transform(output)
@@ -266,7 +257,7 @@ def classification_metrics(
     names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes.")
-    transform = _normalised(output_transform, multi_label)
+    transform = ignite_pred_label(output_transform, multi_label)
     metrics: dict[str, Metric] = {}
     if not multi_label:
         cm = ConfusionMatrix(num_classes=num_classes, output_transform=transform)
@@ -295,108 +286,3 @@ def attach_classification_metrics(
     for name, metric in metrics.items():
         metric.attach(evaluator, name)
     return metrics
-
-
-# --------------------------------------------------------------------------------------------------
-# confusion-matrix files
-# --------------------------------------------------------------------------------------------------
-def confusion_matrix_csv(cm: np.ndarray, class_names: Sequence[str]) -> str:
-    """CSV text: header ``true\\predicted,<classes>``, one row per true class."""
-    import pandas as pd
-
-    df = pd.DataFrame(np.asarray(cm, dtype=np.int64), index=list(class_names), columns=list(class_names))
-    df.index.name = "true\\predicted"
-    return df.to_csv()
-
-
-def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], title: str = "") -> bytes:
-    """PNG bytes: counts written in the cells, colours normalised per row (per-class recall).
-
-    Row normalisation keeps a rare class readable next to a frequent one. Uses an Agg canvas on a bare
-    ``Figure`` (not ``pyplot``), so neither a display nor the process's global backend is touched.
-    """
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(cm, dtype=np.int64)
-    n = len(class_names)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    size = max(3.5, 0.6 * n + 2.0)
-    fig = Figure(figsize=(size + 1.0, size), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=list(class_names))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-class ConfusionMatrixWriter:
-    """Handler writing ``confusion_matrix.csv`` and ``confusion_matrix.png`` when an evaluation completes.
-
-    It keeps its own Ignite ``ConfusionMatrix`` (not registered in ``engine.state.metrics``), because a
-    ``(C, C)`` tensor there would be printed as text by ``StatsHandler``. Files are replaced atomically on
-    every evaluation, so they always show the latest one; only rank 0 writes. The last matrix is also kept
-    in :attr:`matrix`.
-
-    Args:
-        output_dir: folder of the two files.
-        class_names: class order of the model's outputs (rows/columns of the matrix).
-        output_transform: ``engine.state.output`` -> batch-first ``(probabilities or logits, class indices)``.
-        prefix: file name stem.
-    """
-
-    def __init__(
-        self,
-        output_dir: str | os.PathLike,
-        class_names: Sequence[str],
-        output_transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = pred_label_transform,
-        prefix: str = "confusion_matrix",
-    ) -> None:
-        if len(class_names) < 2:
-            raise ValueError("a confusion matrix needs at least two classes.")
-        self.output_dir = Path(output_dir)
-        self.class_names = [str(c) for c in class_names]
-        self.prefix = prefix
-        self._metric = ConfusionMatrix(
-            num_classes=len(self.class_names), output_transform=_normalised(output_transform, False)
-        )
-        self.matrix: np.ndarray | None = None
-
-    @property
-    def csv_path(self) -> Path:
-        return self.output_dir / f"{self.prefix}.csv"
-
-    @property
-    def png_path(self) -> Path:
-        return self.output_dir / f"{self.prefix}.png"
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._metric.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._metric.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        self.matrix = self._metric.compute().cpu().numpy().astype(np.int64)
-        if idist.get_rank() != 0:
-            return
-        epoch = getattr(engine.state, "epoch", None)
-        title = f"epoch {epoch}" if epoch is not None else ""
-        atomic_write_bytes(self.csv_path, confusion_matrix_csv(self.matrix, self.class_names).encode())
-        atomic_write_bytes(self.png_path, confusion_matrix_png(self.matrix, self.class_names, title))
-        logger.debug("wrote %s and %s", self.csv_path, self.png_path)

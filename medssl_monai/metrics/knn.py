@@ -1,39 +1,37 @@
-"""Weighted k-nearest-neighbour accuracy of frozen features: the cheap validation monitor of SSL pretraining.
+"""Weighted k-nearest-neighbour accuracy of frozen features: the maths of SSL pretraining's cheap monitor.
 
 Linear evaluation needs its own training run; a kNN classifier on the current backbone's features needs only
 two forward passes over labelled data, so it can run every few epochs and show whether the representation
 improves (as in InstDisc, DINO and solo-learn). Votes are weighted by ``exp(cosine_similarity / T)``.
+:class:`~medssl_monai.handlers.KNNMonitor` runs it on an engine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from ignite.engine import Engine, Events
 from torch import nn
 
-from .checkpoint import RNGState
-
-__all__ = ["KNNMonitor", "extract_features", "knn_accuracy", "knn_predict"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["extract_features", "knn_accuracy", "knn_predict", "knn_scores"]
 
 _AMP = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _knn_scores(
+@torch.no_grad()
+def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
-    k: int,
-    temperature: float,
-    num_classes: int | None,
-    chunk_size: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
+    """Class votes ``(N_test, num_classes)``: the summed ``exp(sim / temperature)`` of each sample's ``k`` most
+    cosine-similar train samples, per class (:func:`knn_predict` takes their argmax)."""
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"features must be (N, D) with the same D, got {tuple(train_features.shape)} and "
                          f"{tuple(test_features.shape)}")
@@ -79,7 +77,7 @@ def knn_predict(
     class index). ``num_classes`` defaults to ``max(train_labels) + 1``. Computed on the device of
     ``train_features``, ``chunk_size`` test samples at a time.
     """
-    scores = _knn_scores(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
+    scores = knn_scores(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
     return scores.argmax(dim=1)
 
 
@@ -162,85 +160,3 @@ def extract_features(
     if not feats:
         raise ValueError("the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)
-
-
-class KNNMonitor:
-    """Ignite handler: top-1 weighted-kNN accuracy of the frozen backbone every ``interval`` epochs.
-
-    Features of ``train_loader`` form the bank, ``val_loader`` is classified against it. The result goes to
-    ``trainer.state.metrics[name]``, to the log, and to ``summary_writer`` (step: epoch) if given.
-
-    The global RNGs (torch, numpy, python) are saved before and restored after the evaluation: iterating a
-    ``DataLoader`` draws a seed from torch's RNG, and a monitor must not change the training run it watches
-    (nor break the bit-exact resume of :class:`~medssl_monai.engines.checkpoint.TrainingCheckpoint`).
-
-    Args:
-        backbone: the feature extractor (``(N, ...) -> (N, D)``), typically ``ssl_model.backbone``.
-        train_loader, val_loader: labelled loaders without random augmentation (dicts with ``image_key`` and
-            ``label_key``, or ``(image, label)`` pairs).
-        interval: epochs between evaluations.
-        k, temperature: as :func:`knn_predict` (solo-learn defaults).
-        device: where the backbone runs and the kNN is computed.
-        name: metric name.
-        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with ``add_scalar``).
-        amp: ``None``, ``"bf16"`` or ``"fp16"`` autocast for the forward passes.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        train_loader: Iterable,
-        val_loader: Iterable,
-        interval: int = 1,
-        k: int = 20,
-        temperature: float = 0.07,
-        device: torch.device | str = "cpu",
-        name: str = "knn_top1",
-        summary_writer: Any = None,
-        image_key: str = "image",
-        label_key: str = "label",
-        amp: Literal["bf16", "fp16", "none"] | None = None,
-        num_classes: int | None = None,
-    ) -> None:
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        self.backbone = backbone
-        self.train_loader = train_loader
-        self.val_loader = val_loader
-        self.interval = interval
-        self.k = k
-        self.temperature = temperature
-        self.device = torch.device(device)
-        self.name = name
-        self.summary_writer = summary_writer
-        self.image_key = image_key
-        self.label_key = label_key
-        self.amp = amp
-        self.num_classes = num_classes
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
-
-    def compute(self) -> float:
-        """kNN top-1 accuracy of the backbone now (RNG state preserved)."""
-        rng = RNGState()
-        saved = rng.state_dict()
-        try:
-            kw = {"device": self.device, "image_key": self.image_key, "label_key": self.label_key, "amp": self.amp}
-            bank, bank_labels = extract_features(self.backbone, self.train_loader, **kw)
-            query, query_labels = extract_features(self.backbone, self.val_loader, **kw)
-            num_classes = self.num_classes
-            if num_classes is None:
-                num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-            return knn_accuracy(bank.to(self.device), bank_labels, query, query_labels, k=self.k,
-                                temperature=self.temperature, num_classes=num_classes)
-        finally:
-            rng.load_state_dict(saved)
-
-    def __call__(self, engine: Engine) -> None:
-        acc = self.compute()
-        engine.state.metrics[self.name] = acc
-        epoch = engine.state.epoch
-        logger.info("Epoch[%d] %s: %.4f", epoch, self.name, acc)
-        if self.summary_writer is not None:
-            self.summary_writer.add_scalar(self.name, acc, epoch)

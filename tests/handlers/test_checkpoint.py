@@ -19,7 +19,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medssl_monai.engines.checkpoint import (
+from medssl_monai.handlers.checkpoint import (
     RNGState,
     TrainingCheckpoint,
     UnsafeCheckpointError,
@@ -29,7 +29,7 @@ from medssl_monai.engines.checkpoint import (
     save_model_atomic,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCH_LEN = 5  # 20 samples, batch 4
 
 
@@ -257,7 +257,7 @@ _SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from torch import nn
     from ignite.engine import Engine, Events
-    from medssl_monai.engines.checkpoint import TrainingCheckpoint, save_model_atomic
+    from medssl_monai.handlers.checkpoint import TrainingCheckpoint, save_model_atomic
 
     torch.set_num_threads(1)
     ckpt_dir, out, max_epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

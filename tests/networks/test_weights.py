@@ -138,7 +138,7 @@ def test_non_strict_loads_the_rest_and_warns(caplog):
     source["block2.cbr.conv.weight"] = torch.zeros(16, 8, 3, 3)
     target = small_cbr()
     before = target.block2.cbr.conv.weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="medssl_monai.networks.transfer"):
+    with caplog.at_level(logging.WARNING, logger="medssl_monai.networks.weights.transfer"):
         report = load_backbone_weights(target, source, strict=False)
     assert not report.ok and "block2.cbr.conv.weight" in caplog.text
     assert torch.equal(target.block2.cbr.conv.weight, before)

@@ -1,18 +1,16 @@
-"""Weighted kNN monitor: agreement with a naive implementation, sanity on easy/impossible data, the handler."""
+"""Weighted kNN maths: agreement with a naive implementation, sanity on easy/impossible data, feature extraction."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl_monai.engines.knn import KNNMonitor, extract_features, knn_accuracy, knn_predict
+from medssl_monai.metrics.knn import extract_features, knn_accuracy, knn_predict, knn_scores
 
 
 def _naive_knn(train_x, train_y, test_x, k, temperature, num_classes):
@@ -49,9 +47,7 @@ def test_matches_naive_implementation(k, temperature, chunk_size):
     assert got.dtype == torch.int64 and got.shape == (60,)
     np.testing.assert_array_equal(got.numpy(), want_pred)
     # the votes too, not only their argmax (k=500 > 200 train samples: every sample votes)
-    from medssl_monai.engines.knn import _knn_scores
-
-    votes = _knn_scores(train_x, train_y, test_x, k, temperature, 5, chunk_size)
+    votes = knn_scores(train_x, train_y, test_x, k, temperature, 5, chunk_size)
     np.testing.assert_allclose(votes.numpy(), want_votes, rtol=1e-4)
     test_y = torch.randint(0, 5, (60,), generator=g)
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=temperature) == pytest.approx(
@@ -124,67 +120,3 @@ def test_extract_features_batchwise_without_graph_and_restores_mode():
     backbone.eval()
     extract_features(backbone, [(x[:4], y[:4])], amp="bf16")  # tuple batches, CPU autocast
     assert not backbone.training  # an eval-mode model stays in eval mode
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.scalars: list[tuple[str, float, int]] = []
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars.append((tag, value, step))
-
-
-def _train_with_monitor(monitor: KNNMonitor | None) -> tuple[Engine, torch.Tensor]:
-    torch.manual_seed(0)
-    draws = []
-    engine = Engine(lambda e, b: draws.append(torch.rand(1)))  # training randomness
-    if monitor is not None:
-        monitor.attach(engine)
-    engine.run(range(3), max_epochs=4)
-    return engine, torch.cat(draws)
-
-
-def test_monitor_writes_metric_log_and_tensorboard_without_touching_training_rng(caplog):
-    train_x, train_y = _clusters(20, 3, 8, noise=0.2, seed=0)
-    val_x, val_y = _clusters(10, 3, 8, noise=0.2, seed=1)
-    backbone = nn.Identity()
-    writer = _Writer()
-    monitor = KNNMonitor(
-        backbone,
-        DataLoader(_ClusterSet(train_x, train_y), batch_size=8, shuffle=True),  # iterating draws from torch RNG
-        DataLoader(_ClusterSet(val_x, val_y), batch_size=8),
-        interval=2, k=5, name="knn_top1", summary_writer=writer,
-    )
-    with caplog.at_level(logging.INFO, logger="medssl_monai.engines.knn"):
-        engine, draws = _train_with_monitor(monitor)
-    assert engine.state.metrics["knn_top1"] == 1.0
-    assert writer.scalars == [("knn_top1", 1.0, 2), ("knn_top1", 1.0, 4)]
-    assert sum("knn_top1: 1.0000" in r.getMessage() for r in caplog.records) == 2
-    _, draws_without = _train_with_monitor(None)
-    assert torch.equal(draws, draws_without)
-
-
-def test_monitor_is_near_chance_for_random_labels():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(600, 16, generator=g)
-    y = torch.randint(0, 2, (600,), generator=g)
-    monitor = KNNMonitor(nn.Identity(), [{"image": x[:400], "label": y[:400]}],
-                         [{"image": x[400:], "label": y[400:]}], k=20)
-    assert 0.38 < monitor.compute() < 0.62
-
-
-def test_bundle_knn_monitor_runs_on_rank_0_only(monkeypatch):
-    """Under DDP only rank 0 logs, so the other ranks skip the (identical) k-NN pass."""
-    import ignite.distributed as idist
-    from conftest import require_data
-
-    from medssl_monai.bundle.data import _NoHandler, knn_monitor
-    from medssl_monai.engines.knn import KNNMonitor
-    from medssl_monai.networks import get_backbone
-
-    natural = require_data("imagenette")
-    net = get_backbone("cbr_tiny")
-    kw = {"dataset_dir": natural, "interval": 1, "image_size": 16, "max_images": 20}
-    assert isinstance(knn_monitor(net, **kw), KNNMonitor)
-    monkeypatch.setattr(idist, "get_rank", lambda: 1)
-    assert isinstance(knn_monitor(net, **kw), _NoHandler)

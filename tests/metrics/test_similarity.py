@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 import medssl_monai.networks.cbr  # noqa: F401  (registers the CBR backbones)
-from medssl_monai.networks.backbones import get_backbone
-from medssl_monai.similarity import (
+from medssl_monai.metrics.similarity import (
     collect_activations,
     conv_to_matrix,
     linear_cka,
@@ -19,6 +18,7 @@ from medssl_monai.similarity import (
     svcca,
     svd_reduce,
 )
+from medssl_monai.networks.backbones import get_backbone
 
 
 def _orthogonal(p: int, rng: np.random.Generator) -> np.ndarray:

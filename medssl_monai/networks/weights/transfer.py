@@ -24,137 +24,20 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
-import os
-import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.networks.nets.resnet import ResNet
 
-__all__ = [
-    "TRANSFER_MODES",
-    "TransferReport",
-    "WeightTransferError",
-    "extract_state_dict",
-    "import_torchvision_resnet",
-    "load_backbone_weights",
-    "map_torchvision_resnet_key",
-    "stage_keys",
-]
+from .report import TransferReport, WeightTransferError
+from .state_dict import Checkpoint, extract_state_dict
+
+__all__ = ["TRANSFER_MODES", "load_backbone_weights", "stage_keys"]
 
 logger = logging.getLogger(__name__)
 
 TRANSFER_MODES = ("full", "first_k", "mean_var")
-
-#: entries under which training code commonly nests the weights, most specific first
-_WRAPPER_KEYS = ("backbone", "state_dict", "model_state_dict", "model", "network", "net", "encoder")
-
-Checkpoint = str | os.PathLike | Mapping[str, Any] | nn.Module
-
-
-@dataclass
-class TransferReport:
-    """What happened to every key of a weight transfer.
-
-    Attributes:
-        mode: ``full``, ``first_k`` or ``mean_var``.
-        prefix: prefix stripped from the checkpoint keys (e.g. ``"backbone."``, ``"module.encoder."``).
-        stages: stages in scope (all for ``full``; the first k for ``first_k``).
-        loaded: model keys that received a value (copied, or redrawn for ``mean_var``).
-        missing: model keys in scope without a checkpoint entry.
-        unexpected: checkpoint keys that match nothing in the model (or no known layout); with ``k``, only
-            those inside the first k stages (e.g. a conv bias the model lacks).
-        mismatched: model key -> (checkpoint shape, model shape) for in-scope keys whose shapes differ.
-        skipped: checkpoint keys deliberately not used: outside the selected prefix, beyond stage k (or in no
-            stage, for ``first_k``), ignored by pattern (e.g. torchvision's ``fc.*``), or non-tensor entries.
-        untouched: model keys deliberately left as they were: stages beyond k, ignored patterns, buffers in
-            ``mean_var`` mode, and ``num_batches_tracked`` counters absent from older checkpoints.
-        adapted: model keys whose value was adapted to fit (first conv to a different number of channels).
-    """
-
-    mode: str
-    prefix: str = ""
-    stages: list[str] = field(default_factory=list)
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    untouched: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """No missing, unexpected or shape-mismatched keys."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def summary(self) -> str:
-        return (
-            f"mode={self.mode} prefix={self.prefix!r} stages={self.stages}: loaded {len(self.loaded)}, "
-            f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, mismatched {len(self.mismatched)}, "
-            f"skipped {len(self.skipped)}, untouched {len(self.untouched)}, adapted {len(self.adapted)}"
-        )
-
-    def problems(self) -> str:
-        """Multi-line listing of every missing / mismatched / unexpected key ("" if none)."""
-        lines = []
-        if self.missing:
-            lines.append(f"missing from checkpoint ({len(self.missing)}): {', '.join(self.missing)}")
-        if self.mismatched:
-            shapes = ", ".join(
-                f"{k} (checkpoint {tuple(s)} vs model {tuple(t)})" for k, (s, t) in self.mismatched.items()
-            )
-            lines.append(f"shape mismatch ({len(self.mismatched)}): {shapes}")
-        if self.unexpected:
-            lines.append(f"unexpected in checkpoint ({len(self.unexpected)}): {', '.join(self.unexpected)}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        problems = self.problems()
-        return self.summary() + (f"\n{problems}" if problems else "")
-
-
-class WeightTransferError(RuntimeError):
-    """Strict weight transfer found missing / mismatched / unexpected keys; ``.report`` has the details."""
-
-    def __init__(self, report: TransferReport) -> None:
-        self.report = report
-        super().__init__(
-            f"strict weight transfer failed ({report.summary()}); the model was not modified.\n"
-            f"{report.problems()}\n"
-            "Use strict=False to load what matches, or prefix=/ignore= to select checkpoint keys."
-        )
-
-
-def extract_state_dict(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of a checkpoint from any phase, plus the names of non-tensor entries that were dropped.
-
-    Accepts a path (loaded with ``weights_only=True`` on CPU), a module, a raw state dict, or a dict nesting
-    one under ``backbone`` / ``state_dict`` / ``model`` / ``network`` / ... (ignite, Lightning, bundles).
-    """
-    obj: Any = checkpoint
-    if isinstance(obj, str | os.PathLike):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
-    for _ in range(len(_WRAPPER_KEYS) + 1):
-        if isinstance(obj, nn.Module):
-            obj = obj.state_dict()
-        if not isinstance(obj, Mapping):
-            raise TypeError(
-                f"expected a state dict, checkpoint dict, module or path, got {type(obj).__name__}."
-            )
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping | nn.Module)), None)
-        if inner is None:
-            break
-        obj = inner
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"no tensors found in the checkpoint; its top-level keys are {list(obj)[:20]}.")
-    return tensors, [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
 
 
 def _infer_prefix(keys: Iterable[str], is_known: Callable[[str], bool]) -> str:
@@ -372,93 +255,3 @@ def load_backbone_weights(
     return _transfer(backbone, source, report, k, strict, ignore, _make_generator(generator, seed))
 
 
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-#: torchvision ResNet key -> MONAI ResNet key. MONAI 1.x happens to use the same names (its projection shortcut
-#: is ``nn.Sequential(conv, norm)`` -> ``downsample.0/1``); the explicit table is what rejects unknown keys and
-#: is the single place to change if either naming moves.
-_TORCHVISION_TO_MONAI: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"conv1\.weight"), r"conv1.weight"),
-    (re.compile(rf"bn1\.{_BN}"), r"bn1.\1"),
-    (re.compile(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight"), r"layer\1.\2.conv\3.weight"),
-    (re.compile(rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}"), r"layer\1.\2.bn\3.\4"),
-    (re.compile(r"layer([1-4])\.(\d+)\.downsample\.0\.weight"), r"layer\1.\2.downsample.0.weight"),
-    (re.compile(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}"), r"layer\1.\2.downsample.1.\3"),
-)
-_TORCHVISION_SKIPPED = ("fc.*",)
-
-
-def map_torchvision_resnet_key(key: str) -> str | None:
-    """MONAI ``ResNet`` key for a torchvision ResNet key, or ``None`` if it is not part of that layout."""
-    for pattern, replacement in _TORCHVISION_TO_MONAI:
-        if pattern.fullmatch(key):
-            return pattern.sub(replacement, key)
-    return None
-
-
-def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """RGB filters for ``in_channels`` inputs: sum for 1 channel, else tile and rescale by 3 / in_channels.
-
-    Keeps the response to a grey image equal to the RGB model's response to the same grey image in all
-    channels (the rule timm uses).
-    """
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    reps = math.ceil(in_channels / weight.shape[1])
-    tiled = weight.repeat(1, reps, *([1] * (weight.ndim - 2)))[:, :in_channels]
-    return tiled * (weight.shape[1] / in_channels)
-
-
-def import_torchvision_resnet(
-    backbone: nn.Module,
-    path_or_state_dict: Checkpoint,
-    mode: str = "full",
-    k: int | None = None,
-    strict: bool = True,
-    prefix: str | None = None,
-    adapt_first_conv: bool = True,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-) -> TransferReport:
-    """Load a torchvision-layout ResNet checkpoint (a local file; nothing is downloaded) into a MONAI ResNet.
-
-    ``fc.*`` is dropped and listed as ``skipped``; keys outside torchvision's layout are ``unexpected``.
-    With ``adapt_first_conv`` an RGB ``conv1`` is adapted to the backbone's input channels (e.g. grayscale)
-    and listed in ``adapted``. The backbone needs torchvision's shortcuts (1x1 conv + BN, no bias), as the
-    registered ``resnet*`` backbones have. ``mode``/``k``/``seed`` work as in :func:`load_backbone_weights`.
-    """
-    if not isinstance(backbone, ResNet):
-        raise TypeError(f"expected a MONAI ResNet backbone, got {type(backbone).__name__}.")
-    _check_mode(mode, k)
-    report = TransferReport(mode=mode)
-    state, non_tensors = extract_state_dict(path_or_state_dict)
-    report.skipped.extend(non_tensors)
-
-    def is_known(key: str) -> bool:
-        return map_torchvision_resnet_key(key) is not None
-
-    selected = _select_prefix(state, prefix, is_known, report)
-    source: dict[str, torch.Tensor] = {}
-    for key, value in selected.items():
-        mapped = map_torchvision_resnet_key(key)
-        if _matches(key, _TORCHVISION_SKIPPED):
-            report.skipped.append(report.prefix + key)
-        elif mapped is None:
-            report.unexpected.append(report.prefix + key)
-        else:
-            source[mapped] = value
-
-    conv1 = backbone.state_dict().get("conv1.weight")
-    src_conv1 = source.get("conv1.weight")
-    if (
-        adapt_first_conv
-        and conv1 is not None
-        and src_conv1 is not None
-        and src_conv1.shape[1] != conv1.shape[1]
-        and src_conv1.shape[:1] + src_conv1.shape[2:] == conv1.shape[:1] + conv1.shape[2:]
-    ):
-        source["conv1.weight"] = _adapt_input_conv(src_conv1, conv1.shape[1])
-        report.adapted.append("conv1.weight")
-    # a MONAI ResNet built with feed_forward=True has its own fc: not part of the transfer
-    return _transfer(
-        backbone, source, report, k, strict, _TORCHVISION_SKIPPED, _make_generator(generator, seed)
-    )

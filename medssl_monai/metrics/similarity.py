@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .data.manifest import atomic_write_bytes
+from ..data.manifest import atomic_write_bytes
 
 __all__ = [
     "collect_activations",

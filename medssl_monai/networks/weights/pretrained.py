@@ -1,4 +1,4 @@
-"""Hand-over between phases: initialise a bundle's network from the previous phase or an ImageNet file.
+"""Hand-over between phases: initialise a network from the previous phase's weights or an ImageNet file.
 
 Phase 2 starts from phase 1's ``models/model.pt`` (an ``SSLModel`` state dict), phase 3 from phase 2's;
 users with a torchvision-layout ImageNet ResNet file can start from that instead. Every key is accounted
@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..networks import TransferReport, extract_state_dict, import_torchvision_resnet, load_backbone_weights
+from .report import TransferReport
+from .state_dict import extract_state_dict
+from .torchvision import import_torchvision_resnet
+from .transfer import load_backbone_weights
 
-__all__ = ["classifier_def", "load_pretrained"]
+__all__ = ["load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,24 +80,3 @@ def load_pretrained(
         head.load_state_dict({n: head_state[n] for n in own})
         logger.info("pretrained %s -> projection head: %d tensors", head_file.name, len(own))
     return report
-
-
-def classifier_def(backbone: str, in_channels: int, num_classes: int, keep_projection_layers: int = 0,
-                   projection_dim: int = 128, projection_layers: int = 3, projection_norm: str = "batch",
-                   dropout: float = 0.0, backbone_kwargs: dict | None = None) -> nn.Module:
-    """The fine-tuning bundle's ``network_def``: backbone + the first ``keep_projection_layers`` of a
-    projection head shaped like the pretraining bundles' (so their ``projection_head.pt`` loads) + linear.
-
-    ``backbone_kwargs`` go to the backbone factory: Transfusion's slimmed hybrids narrow the upper stages
-    (``{"block_inplanes": [64, 128, 128, 256]}`` for a ResNet-18, ``{"channels": [...]}`` for a CBR net) while
-    ``transfer_mode="first_k"`` fills the unchanged lower stages with pretrained weights.
-    """
-    from ..networks import Classifier, ProjectionHead, get_backbone
-
-    net = get_backbone(backbone, in_channels=in_channels, **(backbone_kwargs or {}))
-    head = None
-    if keep_projection_layers > 0:
-        head = ProjectionHead(int(net.feature_dim), out_features=projection_dim, num_layers=projection_layers,
-                              norm=projection_norm)
-    return Classifier(net, num_classes, keep_projection_layers=keep_projection_layers, projection_head=head,
-                      dropout=dropout)

@@ -13,7 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from medssl_monai.engines.tb_images import ViewPairsImageHandler, view_pairs_grid
+from medssl_monai.handlers.view_pairs import ViewPairsImageHandler, view_pairs_grid
 
 B, H, W = 5, 6, 7
 

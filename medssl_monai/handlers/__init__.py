@@ -1,0 +1,40 @@
+"""Ignite handlers the bundles attach (one per file, each with ``attach(engine)``), in MONAI's handler style.
+
+Values an engine should log go into ``engine.state.metrics`` (e.g. :class:`KNNMonitor`), where MONAI's
+``StatsHandler`` and ``TensorBoardStatsHandler`` pick them up; files and images are written by the handler.
+"""
+
+from .checkpoint import (
+    RNGState,
+    TrainingCheckpoint,
+    UnsafeCheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    save_model_atomic,
+)
+from .confusion_matrix import ConfusionMatrixWriter, confusion_matrix_csv, confusion_matrix_png
+from .evaluator_best import EvaluatorBest
+from .knn_monitor import KNNMonitor
+from .lr_logger import LearningRateLogger
+from .reseed import ReseedEachEpoch
+from .view_pairs import ViewPairsImageHandler, view_pairs_grid
+
+__all__ = [
+    "ConfusionMatrixWriter",
+    "EvaluatorBest",
+    "KNNMonitor",
+    "LearningRateLogger",
+    "RNGState",
+    "ReseedEachEpoch",
+    "TrainingCheckpoint",
+    "UnsafeCheckpointError",
+    "ViewPairsImageHandler",
+    "confusion_matrix_csv",
+    "confusion_matrix_png",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_training_state",
+    "save_model_atomic",
+    "view_pairs_grid",
+]
