@@ -220,6 +220,7 @@ def test_bundle_cli_refuses_an_override_typo(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     (tmp_path / "salt").write_bytes(b"abc")
+    (tmp_path / "salt").chmod(0o600)  # private, so the length is what is wrong with it
     (tmp_path / "tree").mkdir()
     (tmp_path / "tree" / "f.dcm").write_bytes(b"not dicom")
     (tmp_path / "broken.json").write_text('{"phases": ')

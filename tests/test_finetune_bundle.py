@@ -173,13 +173,13 @@ def test_copied_bundle_infers_and_evaluates_with_its_own_architecture(manifest: 
     assert list(cm.index) == CLASSES and int(cm.to_numpy().sum()) == 9
 
 
-def test_per_group_learning_rates_reach_the_optimiser(manifest: Path) -> None:
+def test_per_group_learning_rates_reach_the_optimiser(manifest: Path, tmp_path: Path) -> None:
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type=None,
                         meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=False,
-                        bundle_root=str(BUNDLE), manifest=str(manifest), backbone="cbr_tiny", in_channels=1,
-                        lr=0.08, backbone_lr_mult=0.25, weight_decay=1e-3, device="cpu", compile=True)
+                        bundle_root=str(BUNDLE), output_dir=str(tmp_path), manifest=str(manifest),
+                        backbone="cbr_tiny", in_channels=1, lr=0.08, backbone_lr_mult=0.25, weight_decay=1e-3, device="cpu", compile=True)
     wf.parser.parse()
     network = wf.parser.get_parsed_content("network")
     optimizer = wf.parser.get_parsed_content("train#optimizer")
