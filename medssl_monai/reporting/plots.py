@@ -80,8 +80,9 @@ def plot_embeddings(emb_csv: Path, manifest: pd.DataFrame, out_png: Path) -> int
     return len(emb)
 
 
-def plot_label_efficiency(summary: pd.DataFrame, png: Path, eval_split: str) -> None:
-    """Balanced accuracy and macro AUC against the % of labels, one line per arm, error bars = seed std."""
+def plot_label_efficiency(summary: pd.DataFrame, png: Path, eval_split: str) -> list[str]:
+    """Balanced accuracy and macro AUC against the % of labels, one line per arm, error bars = seed std;
+    returns the x axis' tick labels."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     plt = pyplot()
@@ -101,4 +102,6 @@ def plot_label_efficiency(summary: pd.DataFrame, png: Path, eval_split: str) -> 
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
+    ticks = [t.get_text() for t in axes[0].get_xticklabels()]
     plt.close(fig)
+    return ticks

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from medssl_monai.data import check_no_leakage, read_manifest
 from medssl_monai.reporting.pipeline_report import run_pipeline_and_report
@@ -26,7 +27,7 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
                    "predict": {"split": "test"}, "embed": {}},
         "label_efficiency": {"fractions": [0.5, 1.0], "seeds": {"0.5": [0, 1], "1.0": [0]}},
     }
-    roots = run_pipeline_and_report(cfg)
+    roots = run_pipeline_and_report(cfg, note="Generated images: a smoke run.")
     run = tmp_path / "run"
     manifest = read_manifest(run / "data" / "manifest.csv")
     check_no_leakage(manifest)
@@ -46,6 +47,10 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert int(cm.to_numpy().sum()) == len(test_rows)
     # the report: every section, its figures, and numbers that agree with the phases' own outputs
     report = (run / "report" / "report.md").read_text()
+    assert report.splitlines()[2] == "**Generated images: a smoke run.**"  # said before any number
+    for phase in ("micle", "finetune", "evaluate"):  # wall time as the runner recorded it, not log timestamps
+        record = json.loads((run / "logs" / f"{phase}.json").read_text())
+        assert record["exit"] == 0 and f"| {phase} | {roots[phase].name} | {record['seconds']:.0f} |" in report
     for section in ("## Data", "## Phases", "## Training curves", "## Evaluation on the `test` split",
                     "## Learned embeddings", "## Subgroups", "## Label efficiency"):
         assert section in report, section
@@ -66,7 +71,9 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
                 run / "label_efficiency" / f"{r.arm}_f{r.fraction:g}_s{r.seed}" / "finetune_classification")
         acc = EventAccumulator(str(root / "output" / "tensorboard"))
         acc.Reload()
-        assert r.auc_macro == acc.Scalars("auc_macro")[-1].value
+        # TensorBoard stores float32: the independent reference agrees to its precision; metrics.csv exactly
+        assert r.auc_macro == pytest.approx(acc.Scalars("auc_macro")[-1].value, rel=1e-6)
+        assert r.auc_macro == pd.read_csv(root / "output" / "metrics.csv")["auc_macro"].iloc[-1]
         if (r.arm, r.fraction, r.seed) == ("pretrained", 1.0, 0):  # the fine-tuning phase itself: not re-run
             assert not (run / "configs" / "le_pretrained_1_s0.json").exists()
             continue
