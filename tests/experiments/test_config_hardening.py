@@ -251,3 +251,15 @@ def test_config_file_errors_are_one_line(tmp_path: Path, capsys, monkeypatch, ar
     capsys.readouterr()
     code = main(args)
     assert needle in one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), command)
+
+
+def test_bare_driver_refuses_the_reporting_step_before_running(tmp_path: Path) -> None:
+    """Results back to the PACS sit in the reporting layer: the driver alone refuses a config naming them,
+    before anything is written; ``run_pipeline_and_report`` (``medssl pipeline``) runs them."""
+    from medssl_monai.experiments.pipeline import run_pipeline
+
+    cfg = {"_base": str(tmp_path), "run_dir": "@run", "data": {"manifest": "m.csv"},
+           "phases": {"finetune": {}, "predict": {}, "results_to_pacs": {}}}
+    with pytest.raises(ValueError, match="results_to_pacs: a reporting step"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()
