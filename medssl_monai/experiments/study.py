@@ -54,7 +54,7 @@ SUPERVISED_ARMS = ("supervised",)
 #: top-level keys of a study config (besides ``_comment``-style keys starting with ``_``)
 STUDY_KEYS = frozenset({"run_dir", "table", "natural_dir", "common", "phase1", "medical", "medical_per_arm",
                         "finetune", "arms", "fractions", "fractions_per_arm", "seeds", "min_seeds", "eval_split",
-                        "eval_from_validation", "pretrained", "parallel_finetunes", "allow_expressions"})
+                        "eval_from_validation", "pretrained", "parallel_finetunes", "supervised", "allow_expressions"})
 
 
 def table_keys() -> set[str]:
