@@ -194,69 +194,59 @@ def _parse_numbers(text: str, flag: str) -> list[float]:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from .data.grouping import LEVELS
-    from .data.manifest import read_manifest, write_manifest
-    from .data.splits import nested_label_fractions, split_groups
+    from .data.prepare import split_manifest
 
     fractions = _parse_fractions(args.fractions, "--fractions")
     label_fractions = _parse_numbers(args.label_fractions, "--label-fractions") if args.label_fractions else None
     out = args.out or args.manifest
     if args.out:
         _check_table_out(args.out, [args.manifest])
-    df = read_manifest(args.manifest, resolve_paths=False)
-    key = LEVELS[args.level]
-    label_col = args.label_col or None
-    for col, what in ((key, f"group column for --level {args.level}"), (label_col, "label column (--label-col)")):
-        if col and col not in df.columns:
-            raise ValueError(f"{args.manifest}: no {col!r} column ({what}); its columns: {list(df.columns)[:12]}")
-    if df[key].isna().any():
-        raise ValueError(f"{args.manifest}: {int(df[key].isna().sum())} row(s) with an empty {key!r}: "
-                         "every image needs a group to be split by")
-    df = split_groups(df, fractions, group_col=key, label_col=label_col, seed=args.seed)
-    if label_fractions:
-        df = nested_label_fractions(df, label_fractions, group_col=key, label_col=label_col, seed=args.seed)
-    write_manifest(df, out)
-    counts = df.groupby("split")[key].nunique().to_dict()
+    df = split_manifest(args.manifest, fractions, label_fractions, seed=args.seed, level=args.level,
+                        label_col=args.label_col, out=out)
+    counts = df.groupby("split")[LEVELS[args.level]].nunique().to_dict()
     print(f"groups per split: {counts} -> {out}")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline
+    from .reporting.pipeline_report import run_pipeline_and_report
 
-    roots = run_pipeline(args.config, args.run_dir, force=args.force)
+    roots = run_pipeline_and_report(args.config, args.run_dir, force=args.force)
     for name, root in roots.items():
         print(f"{name:<9} {root}")
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline_config
-    from .study import run_study, validate_study
+    from .experiments.config import load_config
+    from .experiments.study import validate_study
+    from .reporting.study_summary import run_study_and_summarize
 
-    cfg = load_pipeline_config(args.config, required="arms")
+    cfg = load_config(args.config, required="arms")
     problems = validate_study(cfg)
     if problems:
         raise CliError(f"{args.config}: study config problems: " + "; ".join(problems))
     if args.validate_only:
         print(f"{args.config}: valid ({len(cfg['arms'])} arms, fractions {cfg['fractions']})")
         return 0
-    results = run_study(cfg, args.run_dir, force=args.force)
+    results = run_study_and_summarize(cfg, args.run_dir, force=args.force)
     print(results.to_string(index=False))
     return 0
 
 
 def cmd_transfusion(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline_config
-    from .transfusion import plan_runs, run_transfusion, validate_transfusion
+    from .experiments.config import load_config
+    from .experiments.transfusion import plan_runs, validate_transfusion
+    from .reporting.transfusion_summary import run_transfusion_and_summarize
 
-    cfg = load_pipeline_config(args.config, required="models")
+    cfg = load_config(args.config, required="models")
     problems = validate_transfusion(cfg)
     if problems:
         raise CliError(f"{args.config}: transfusion config problems: " + "; ".join(problems))
     if args.validate_only:
         print(f"{args.config}: valid ({len(cfg['models'])} backbones, {len(plan_runs(cfg))} fine-tuning runs)")
         return 0
-    results = run_transfusion(cfg, args.run_dir, force=args.force)
+    results = run_transfusion_and_summarize(cfg, args.run_dir, force=args.force)
     print(results.drop(columns=["before", "after"]).to_string(index=False))
     return 0
 
@@ -264,7 +254,7 @@ def cmd_transfusion(args: argparse.Namespace) -> int:
 def cmd_results_to_dicom(args: argparse.Namespace) -> int:
     from .data.credentials import load_credentials
     from .data.pacs_errors import PacsError
-    from .results_sr import results_to_dicom, stow_files
+    from .reporting.dicom_sr import results_to_dicom, stow_files
 
     predictions = Path(args.predictions or Path(args.bundle) / "output" / "predictions.csv")
     try:

@@ -170,7 +170,7 @@ def test_pseudonymised_pipeline_leaves_no_original_identifier_in_the_run_folder(
     """The issue's privacy test: a pipeline over patient-named folders with a corrupted file finishes, and no
     file under the run folder (logs, TensorBoard events, configs, reports, CSVs, checkpoints: read as bytes)
     holds an original patient id, name, UID or path; only the private path map (mode 0600) maps keys back."""
-    from medssl_monai.pipeline import run_pipeline
+    from medssl_monai.reporting.pipeline_report import run_pipeline_and_report
 
     root = tmp_path / "export" / "dicom"
     secrets = make_tree(root, n_patients=8, per_patient=2)
@@ -181,7 +181,7 @@ def test_pseudonymised_pipeline_leaves_no_original_identifier_in_the_run_folder(
         "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
         "phases": {},
     }
-    run_pipeline(cfg)  # index + split only; then one image is cut short, as a changed export would be
+    run_pipeline_and_report(cfg)  # index + split only; then one image is cut short, as a changed export would be
     manifest = read_manifest(tmp_path / "run" / "data" / "manifest.csv")
     train = manifest[manifest["split"] == "train"]["path"]
     victim = train[train.str.endswith("IM001")].iloc[0]  # RLE: pydicom warns, naming the file
@@ -189,7 +189,7 @@ def test_pseudonymised_pipeline_leaves_no_original_identifier_in_the_run_folder(
     cfg["phases"] = {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
                      "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"},
                      "predict": {"split": "test"}}
-    roots = run_pipeline(cfg)
+    roots = run_pipeline_and_report(cfg)
     run = tmp_path / "run"
     assert (run / "report" / "report.md").is_file()
     key = read_manifest(run / "data" / "manifest.csv", resolve_paths=False)["path"][manifest["path"] == victim].iloc[0]

@@ -30,7 +30,8 @@ from medssl_monai.data.dicom_cache import DicomCache
 from medssl_monai.data.dicomweb_source import fetch_dicomweb
 from medssl_monai.data.dimse_source import fetch_dimse
 from medssl_monai.data.pacs_errors import PacsError
-from medssl_monai.pipeline import prepare_data, run_results_to_pacs
+from medssl_monai.experiments.pipeline import prepare_data
+from medssl_monai.reporting.dicom_sr import run_results_to_pacs
 from medssl_monai.sample_data import CLASSES, make_sample_data
 
 REPO = Path(__file__).resolve().parents[1]

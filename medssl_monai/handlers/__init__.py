@@ -17,6 +17,7 @@ from .confusion_matrix import ConfusionMatrixWriter, confusion_matrix_csv, confu
 from .evaluator_best import EvaluatorBest
 from .knn_monitor import KNNMonitor
 from .lr_logger import LearningRateLogger
+from .metrics_csv import MetricsCSV, read_metrics_csv
 from .reseed import ReseedEachEpoch
 from .view_pairs import ViewPairsImageHandler, view_pairs_grid
 
@@ -25,6 +26,7 @@ __all__ = [
     "EvaluatorBest",
     "KNNMonitor",
     "LearningRateLogger",
+    "MetricsCSV",
     "RNGState",
     "ReseedEachEpoch",
     "TrainingCheckpoint",
@@ -35,6 +37,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_training_state",
+    "read_metrics_csv",
     "save_model_atomic",
     "view_pairs_grid",
 ]

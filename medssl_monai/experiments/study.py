@@ -22,27 +22,19 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .bundle.locate import bundle_path
-from .data.manifest import atomic_write_text, write_manifest
-from .pipeline import (
-    _resolve,
-    bundle_minutes,
-    check_data_config,
-    for_config,
-    load_pipeline_config,
-    run_bundle,
-    unknown_keys,
-    unknown_overrides,
-)
-from .report import final_validation
+from ..bundle.locate import bundle_path
+from ..data.manifest import atomic_write_text, write_manifest
+from .config import check_data_config, for_config, load_config, resolve_path, unknown_keys, unknown_overrides
+from .label_efficiency import grid_points, run_grid
+from .results import final_validation
+from .runner import run_bundle
 
-__all__ = ["ARMS", "run_study", "validate_study"]
+__all__ = ["ARMS", "StudySummary", "prepare_experiment", "run_study", "table_keys", "validate_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +61,7 @@ def table_keys() -> set[str]:
     """Keys of a config's ``table`` section: ``path``, ``subset`` and :func:`table_to_manifest`'s options."""
     import inspect
 
-    from .data import table_to_manifest
+    from ..data import table_to_manifest
 
     return set(inspect.signature(table_to_manifest).parameters) - {"table", "pseudonymizer"} | {"path", "subset"}
 
@@ -120,8 +112,8 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
     for name, ckpt in (cfg.get("pretrained") or {}).items():
         if name != "phase1" and name not in SUPERVISED_ARMS and ARMS.get(name, (False, None))[1] is None:
             problems.append(f"pretrained: {name!r} is neither 'phase1' nor an arm with medical pretraining")
-        elif check_data and not Path(_resolve(ckpt, base)).is_file():
-            problems.append(f"pretrained.{name}: checkpoint {_resolve(ckpt, base)} not found")
+        elif check_data and not Path(resolve_path(ckpt, base)).is_file():
+            problems.append(f"pretrained.{name}: checkpoint {resolve_path(ckpt, base)} not found")
     for arm in cfg.get("fractions_per_arm") or {}:
         if arm not in arms:
             problems.append(f"fractions_per_arm: {arm!r} is not one of the study's arms {arms}")
@@ -132,25 +124,25 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         problems.append("eval_from_validation reads the fine-tune's validation pass, which scores 'val': "
                         f"eval_split {cfg.get('eval_split')!r} needs a separate evaluation (drop the flag)")
     if check_data:
-        table = Path(_resolve(cfg.get("table", {}).get("path", ""), base))
+        table = Path(resolve_path(cfg.get("table", {}).get("path", ""), base))
         if not table.is_file():
             problems.append(f"table {table} not found")
         needs_natural = any(ARMS[a][0] for a in arms if a in ARMS) and "phase1" not in (cfg.get("pretrained") or {})
         needs_natural |= any(a in SUPERVISED_ARMS and a not in (cfg.get("pretrained") or {}) for a in arms)
         if needs_natural:
-            natural = Path(_resolve(cfg.get("natural_dir", ""), base))
+            natural = Path(resolve_path(cfg.get("natural_dir", ""), base))
             if not natural.is_dir():
                 problems.append(f"natural_dir {natural} not found")
     return problems
 
 
 def _manifest(cfg: Mapping[str, Any], run: Path) -> Path:
-    from .data import table_to_manifest
+    from ..data import table_to_manifest
 
     out = run / "data" / "manifest.csv"
     if not out.is_file():
         t = dict(cfg["table"])
-        path = _resolve(t.pop("path"), Path(cfg["_base"]))
+        path = resolve_path(t.pop("path"), Path(cfg["_base"]))
         subset = t.pop("subset", None)
         df = table_to_manifest(path, **t)
         if subset:
@@ -167,18 +159,23 @@ def prepare_experiment(config: str | Path | Mapping[str, Any], name: str, requir
     source = str(config) if not isinstance(config, Mapping) else f"{name} config"
     if isinstance(config, Mapping):
         check_data_config(config, source)
-    cfg = load_pipeline_config(config, required=required) if not isinstance(config, Mapping) else dict(config)
+    cfg = load_config(config, required=required) if not isinstance(config, Mapping) else dict(config)
     problems = validate(cfg)
     if problems:
         raise ValueError(f"{source}: {name} config problems: " + "; ".join(problems))
-    run = Path(run_dir or _resolve(cfg.get("run_dir", f"runs/{name}"), Path(cfg["_base"])))
+    run = Path(run_dir or resolve_path(cfg.get("run_dir", f"runs/{name}"), Path(cfg["_base"])))
     run.mkdir(parents=True, exist_ok=True)
     return cfg, run, _manifest(cfg, run)
 
 
+#: what writes a study's summary from its results table, run folder, seconds and evaluated split
+StudySummary = Callable[[pd.DataFrame, Path, float, str], Any]
+
+
 def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
-              force: bool = False) -> pd.DataFrame:
-    """Run (or resume: finished runs are skipped) the whole study; returns the per-run results table."""
+              force: bool = False, summary: StudySummary | None = None) -> pd.DataFrame:
+    """Run (or resume: finished runs are skipped) the whole study; returns the per-run results table, after
+    ``summary`` (``medssl study`` passes :func:`~medssl_monai.reporting.study_summary.write_study_summary`)."""
     cfg, run, manifest = prepare_experiment(config, "study", "arms", validate_study, run_dir)
     base = Path(cfg["_base"])
     code = cfg.get("allow_expressions") is True
@@ -188,13 +185,13 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     common.setdefault("cache_dir", str(run / "image_cache"))
     models: dict[str, str | None] = {"random": None}
     arms = list(cfg["arms"])
-    given = {k: _resolve(v, base) for k, v in (cfg.get("pretrained") or {}).items()}
+    given = {k: resolve_path(v, base) for k, v in (cfg.get("pretrained") or {}).items()}
     if "phase1" in given:  # e.g. an imported ImageNet checkpoint, or another run's phase 1
         models["phase1"] = given["phase1"]
     elif any(ARMS[a][0] for a in arms):
         root = run / "pretrain" / "phase1" / "simclr_natural"
         run_bundle(bundle_path("simclr_natural"), "train.json", root,
-                   {**common, "dataset_dir": _resolve(cfg["natural_dir"], base), "knn_interval": 0,
+                   {**common, "dataset_dir": resolve_path(cfg["natural_dir"], base), "knn_interval": 0,
                     **(cfg.get("phase1") or {})}, run, "phase1", root / "models/model.pt", force=force,
                    allow_expressions=code)
         models["phase1"] = str(root / "models" / "model.pt")
@@ -218,32 +215,15 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
     seeds = {float(k): v for k, v in cfg["seeds"].items()}
     eval_split = cfg.get("eval_split", "val")
     per_arm = cfg.get("fractions_per_arm") or {}
-    points = list(dict.fromkeys(  # each (arm, fraction, seed) once: two runs at once in one folder would race
-        (arm, frac, seed) for arm in arms for frac in (float(f) for f in per_arm.get(arm, cfg.get("fractions", [])))
-        for seed in seeds[frac]))
-
-    def finetune(point: tuple[str, float, int]) -> Path:
-        arm, frac, seed = point
-        root = run / "finetune" / arm / f"f{frac:g}_s{seed}" / "finetune_classification"
-        return run_bundle(bundle_path("finetune_classification"), "train.json", root,
-                          {**common, "manifest": str(manifest), "pretrained_ckpt": models[arm],
-                           "label_fraction": frac, "seed": seed, **(cfg.get("finetune") or {})},
-                          run, f"ft_{arm}_{frac:g}_s{seed}", root / "models/model.pt", force=force,
-                          allow_expressions=code)
-
-    # fine-tunes are independent small jobs: on a GPU several at once keep it busy (each is its own process)
-    with ThreadPoolExecutor(max_workers=int(cfg.get("parallel_finetunes", 1))) as pool:
-        futures = [pool.submit(finetune, p) for p in points]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and f.exception() is not None]
-        if failed:  # stop at the first failure: queued runs are dropped, running ones finish
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise failed[0].exception()
-        roots = [f.result() for f in futures]
+    points = grid_points(arms, {arm: per_arm.get(arm, cfg.get("fractions", [])) for arm in arms}, seeds)
+    roots = run_grid(points, models, {**common}, manifest, bundle_path("finetune_classification"), run,
+                     folder="finetune/{arm}/f{fraction:g}_s{seed}", tag="ft_{arm}_{fraction:g}_s{seed}",
+                     last=cfg.get("finetune") or {}, parallel=int(cfg.get("parallel_finetunes", 1)), force=force,
+                     allow_expressions=code)
     rows = []
     for (arm, frac, seed), root in zip(points, roots):
         if cfg.get("eval_from_validation"):  # the fine-tune's own last validation pass on eval_split
-            m = final_validation(root / "output" / "tensorboard")
+            m = final_validation(root / "output")
         else:
             ev = root / "output" / f"eval_{eval_split}"
             run_bundle(bundle_path("finetune_classification"), ("train.json", "evaluate.json"), root,
@@ -257,14 +237,15 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
                      "auc_macro": m["auc_macro"], "accuracy": m.get("accuracy")})
     results = pd.DataFrame(rows)
     results.to_csv(run / "results.csv", index=False)
-    write_study_summary(results, run, time.time() - t0, eval_split)
+    if summary is not None:
+        summary(results, run, time.time() - t0, eval_split)
     return results
 
 
 def natural_manifest(natural_dir: str | Path, out: Path, holdout_every: int = 10) -> Path:
     """A labelled manifest of an ImageNet-style folder (``train/`` and, when present, ``val/``; without
     ``val/``, every ``holdout_every``-th training image of each class is held out for validation)."""
-    from .bundle import imagefolder_manifest
+    from ..bundle import imagefolder_manifest
 
     train = imagefolder_manifest(natural_dir, "train").assign(split="train")
     if (Path(natural_dir) / "val").is_dir():
@@ -282,64 +263,10 @@ def natural_manifest(natural_dir: str | Path, out: Path, holdout_every: int = 10
 
 def _supervised_natural(cfg: Mapping[str, Any], run: Path, common: Mapping[str, Any], force: bool) -> str:
     """The supervised-pretraining arm's start: the fine-tuning bundle trained on all natural labels."""
-    manifest = natural_manifest(_resolve(cfg["natural_dir"], Path(cfg["_base"])), run / "data" / "natural.csv")
+    manifest = natural_manifest(resolve_path(cfg["natural_dir"], Path(cfg["_base"])), run / "data" / "natural.csv")
     root = run / "pretrain" / "supervised" / "finetune_classification"
     run_bundle(bundle_path("finetune_classification"), "train.json", root,
                {**common, "manifest": str(manifest), "label_fraction": 1.0, "seed": 0,
                 **(cfg.get("supervised") or {})},
                run, "pretrain_supervised", root / "models/model.pt", force=force)
     return str(root / "models" / "model.pt")
-
-
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and seed count per arm and fraction."""
-    g = results.groupby(["arm", "fraction"])
-    out = g[["balanced_accuracy", "auc_macro"]].agg(["mean", "std"])
-    out.columns = [f"{a}_{b}" for a, b in out.columns]
-    out["seeds"] = g.size()
-    return out.reset_index()
-
-
-def plot_label_efficiency(summary: pd.DataFrame, png: Path, eval_split: str) -> None:
-    """Balanced accuracy and macro AUC against the % of labels, one line per arm, error bars = seed std."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("balanced_accuracy", "auc_macro")):
-        for arm, g in summary.groupby("arm", sort=False):
-            ax.errorbar(g["fraction"] * 100, g[f"{metric}_mean"], yerr=g[f"{metric}_std"].fillna(0), marker="o",
-                        capsize=3, label=arm)
-        ax.set_xscale("log")
-        ax.set_xlabel("% of training labels")
-        ax.set_ylabel(f"{metric} ({eval_split})")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def summary_markdown(summary: pd.DataFrame) -> str:
-    """The per-arm, per-fraction table: mean ± std with the seed count."""
-    lines = ["| arm | labels | balanced accuracy | macro AUC | seeds |", "|---|---:|---:|---:|---:|"]
-    for r in summary.itertuples(index=False):
-        sd = lambda v: "" if pd.isna(v) else f" ± {v:.3f}"  # noqa: E731
-        lines.append(f"| {r.arm} | {r.fraction:.0%} | {r.balanced_accuracy_mean:.3f}{sd(r.balanced_accuracy_std)} | "
-                     f"{r.auc_macro_mean:.3f}{sd(r.auc_macro_std)} | {r.seeds} |")
-    return "\n".join(lines)
-
-
-def write_study_summary(results: pd.DataFrame, run: Path, seconds: float, eval_split: str) -> Path:
-    """``results.md`` (table with seed counts and spread) and ``label_efficiency.png``."""
-    summary = summarize(results)
-    plot_label_efficiency(summary, run / "label_efficiency.png", eval_split)
-    text = (f"# Label-efficiency study\n\nWall time of the last invocation: {seconds / 60:.1f} min; bundle runs: "
-            f"{bundle_minutes(run):.1f} min in total (from their logs). Metrics on the `{eval_split}` split, "
-            "mean ± standard deviation over seeds.\n\n" + summary_markdown(summary)
-            + "\n\n![curve](label_efficiency.png)\n")
-    out = run / "results.md"
-    atomic_write_text(out, text)
-    return out

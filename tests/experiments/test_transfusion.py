@@ -12,18 +12,13 @@ import pytest
 import torch
 
 from medssl_monai.bundle import classifier_def
+from medssl_monai.experiments.config import load_config
+from medssl_monai.experiments.results import final_validation, read_curve, steps_to_target
+from medssl_monai.experiments.transfusion import plan_runs, random_init_checkpoint, validate_transfusion
 from medssl_monai.networks import get_backbone, load_pretrained
-from medssl_monai.pipeline import load_pipeline_config
-from medssl_monai.report import final_validation, read_curve
-from medssl_monai.transfusion import (
-    plan_runs,
-    random_init_checkpoint,
-    run_transfusion,
-    steps_to_target,
-    validate_transfusion,
-)
+from medssl_monai.reporting.transfusion_summary import run_transfusion_and_summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "experiments" / "ham10000_transfusion.json"
 
 
@@ -31,7 +26,7 @@ def test_transfusion_config_is_valid() -> None:
     from conftest import require_data
 
     require_data("ham10000"), require_data("imagenette")
-    cfg = load_pipeline_config(CONFIG, required="models")
+    cfg = load_config(CONFIG, required="models")
     assert validate_transfusion(cfg) == []
     assert {"cbr_large_t", "cbr_large_w", "cbr_small", "cbr_tiny"} <= set(cfg["models"])  # the whole CBR family
     exps = {r["experiment"] for r in plan_runs(cfg)}
@@ -39,7 +34,7 @@ def test_transfusion_config_is_valid() -> None:
 
 
 def test_bad_transfusion_config_is_refused() -> None:
-    cfg = load_pipeline_config(CONFIG, required="models")
+    cfg = load_config(CONFIG, required="models")
     cfg.update(models=["resnet18", "vgg99"], hybrid={"model": "cbr_tiny", "ks": [1], "slim": {"2": {}}},
                mean_var=["cbr_small"], targets=[], finetune={"learning_rate": 1, "seed": 3, "val_interval": 2})
     problems = validate_transfusion(cfg, check_data=False)
@@ -142,7 +137,7 @@ def test_tiny_transfusion_runs(tmp_path: Path) -> None:
         "targets": [0.5, 0.99],
         "similarity": {"max_examples": 300, "max_points": 64},
     }
-    results = run_transfusion(cfg)
+    results = run_transfusion_and_summarize(cfg)
     run = tmp_path / "tf"
     assert sorted(results["init"]) == ["first_k", "first_k_slim", "mean_var", "phase1", "random"]
     # phase 1 ran on the shrunk copy of the image folder

@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medssl_monai.pipeline import load_pipeline_config
-from medssl_monai.study import run_study, validate_study
+from medssl_monai.experiments.config import load_config
+from medssl_monai.experiments.study import validate_study
+from medssl_monai.reporting.study_summary import run_study_and_summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*label_efficiency*.json")
                  if "h100" not in p.name and "lease" not in p.name)
 VARIANTS = sorted((REPO / "configs" / "experiments" / "variants").glob("*.json"))
@@ -23,7 +24,7 @@ def test_study_configs_are_valid(path: Path) -> None:
     from conftest import require_data
 
     require_data("ham10000")
-    cfg = load_pipeline_config(path, required="arms")
+    cfg = load_config(path, required="arms")
     assert validate_study(cfg) == []
     assert {"random", "phase1", "phase1_simclr", "phase1_micle"} <= set(cfg["arms"])  # the four arms of issue 5
     if "gpu" not in path.name:
@@ -33,9 +34,9 @@ def test_study_configs_are_valid(path: Path) -> None:
 
 def test_h100_config_is_the_gpu_study_cut_to_a_lease() -> None:
     """The config run on the lent H100 reads the packed data copy (absent here: checked without data)."""
-    cfg = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_h100.json", required="arms")
+    cfg = load_config(REPO / "configs/experiments/ham10000_label_efficiency_h100.json", required="arms")
     assert validate_study(cfg, check_data=False) == []
-    gpu = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_gpu.json", required="arms")
+    gpu = load_config(REPO / "configs/experiments/ham10000_label_efficiency_gpu.json", required="arms")
     assert cfg["common"]["backbone"] == gpu["common"]["backbone"] and cfg["arms"] == gpu["arms"]
     assert cfg["table"]["path"].endswith(".gpu_data/ham10000/metadata.csv")
     assert cfg["table"]["group_col"] == "lesion_id"  # inherited from the GPU config by ``extends``
@@ -45,12 +46,12 @@ def test_h100_config_is_the_gpu_study_cut_to_a_lease() -> None:
 def test_variant_configs_change_one_thing(path: Path) -> None:
     """Each issue-5 variant validates and reuses a pretrained model of the run it varies (so only the named
     change differs); the checkpoints are run outputs, so the data check is off."""
-    cfg = load_pipeline_config(path, required="arms")
+    cfg = load_config(path, required="arms")
     assert validate_study(cfg, check_data=False) == []
     assert cfg["pretrained"]
     base = Path(cfg["_base"])
     raw = json.loads(path.read_text())
-    parent = load_pipeline_config(path.parent / raw["extends"].lstrip("@"), "arms")  # never the parent's folder
+    parent = load_config(path.parent / raw["extends"].lstrip("@"), "arms")  # never the parent's folder
     assert (base / cfg["run_dir"][1:]).resolve() != (Path(parent["_base"]) / parent["run_dir"][1:]).resolve()
     assert "Issue 5 variant" in cfg["_comment"]  # each says what it changes
     for ckpt in cfg["pretrained"].values():
@@ -59,7 +60,7 @@ def test_variant_configs_change_one_thing(path: Path) -> None:
 
 
 def test_bad_study_config_is_refused(tmp_path: Path) -> None:
-    cfg = load_pipeline_config(CONFIGS[0], required="arms")
+    cfg = load_config(CONFIGS[0], required="arms")
     cfg.update(arms=["random", "imagenet21k"], seeds={"0.1": [0], "0.2": [0, 1, 2], "1.0": [0]},
                finetune={"learning_rate": 0.1})
     problems = validate_study(cfg, check_data=False)
@@ -84,7 +85,7 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
         "arms": ["random", "phase1_micle"], "fractions": [0.2, 1.0],
         "seeds": {"0.2": [0, 1], "1.0": [0]}, "min_seeds": 2, "eval_split": "val",
     }
-    results = run_study(cfg)
+    results = run_study_and_summarize(cfg)
     run = tmp_path / "study"
     assert len(results) == 2 * 3 and set(results["arm"]) == {"random", "phase1_micle"}
     assert results["balanced_accuracy"].between(0, 1).all() and results["auc_macro"].between(0, 1).all()
@@ -100,7 +101,7 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
     assert pd.read_csv(run / "results.csv").shape == (6, 6)
     # reading the fine-tune's own last validation pass gives the separate evaluation's numbers (same model,
     # same val images): the CPU config uses it to save one bundle run per fine-tune
-    again = run_study({**cfg, "eval_from_validation": True})
+    again = run_study_and_summarize({**cfg, "eval_from_validation": True})
     merged = results.merge(again, on=["arm", "fraction", "seed"], suffixes=("_eval", "_val"))
     assert len(merged) == len(results)
     for metric in ("balanced_accuracy", "auc_macro"):
@@ -110,7 +111,7 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
     # random init only at 100%: the same seeds give the same numbers as the sequential first run
     models = {"phase1": str(run / "pretrain/phase1/simclr_natural/models/model.pt"),
               "phase1_micle": str(run / "pretrain/phase1_micle/micle_medical/models/model.pt")}
-    reuse = run_study({**cfg, "run_dir": "@reuse", "pretrained": models, "parallel_finetunes": 2,
+    reuse = run_study_and_summarize({**cfg, "run_dir": "@reuse", "pretrained": models, "parallel_finetunes": 2,
                        "fractions_per_arm": {"random": [1.0]}, "natural_dir": "/nonexistent"})
     assert not (tmp_path / "reuse" / "pretrain").exists()
     assert sorted(map(tuple, reuse[["arm", "fraction", "seed"]].to_numpy().tolist())) == sorted(
@@ -122,7 +123,7 @@ def test_tiny_study_runs(tmp_path: Path) -> None:
 
 
 def test_repeats_and_missing_fractions_are_refused() -> None:
-    cfg = load_pipeline_config(CONFIGS[0], required="arms")
+    cfg = load_config(CONFIGS[0], required="arms")
     problems = validate_study({**cfg, "fractions": [0.2, 0.2], "seeds": {"0.2": [0, 0, 1]}}, check_data=False)
     assert any("repeated fractions" in p for p in problems) and any("repeated seeds" in p for p in problems)
     no_fractions = {k: v for k, v in cfg.items() if k != "fractions"}
@@ -144,12 +145,12 @@ def test_parallel_finetunes_stop_at_the_first_failure(tmp_path: Path) -> None:
            "arms": ["random"], "fractions": [0.2, 1.0], "seeds": {"0.2": [0, 1, 2], "1.0": [0, 1]},
            "parallel_finetunes": 2}
     with pytest.raises(RuntimeError, match="failed"):
-        run_study(cfg)
+        run_study_and_summarize(cfg)
     assert 2 <= len(list((tmp_path / "study" / "logs").glob("ft_*.log"))) < 5
 
 
 def test_study_config_keys_are_checked(tmp_path: Path) -> None:
-    cfg = load_pipeline_config(CONFIGS[0], required="arms")
+    cfg = load_config(CONFIGS[0], required="arms")
     problems = validate_study({**cfg, "pretrained": {"phase1_micle": str(tmp_path / "missing.pt"), "random": "x"},
                                "fractions_per_arm": {"phase1": [0.5], "unknown_arm": [1.0]},
                                "parallel_finetunes": 0}, check_data=True)
@@ -161,7 +162,7 @@ def test_study_config_keys_are_checked(tmp_path: Path) -> None:
 
 
 def test_lease_config_is_the_whole_study_with_five_arms() -> None:
-    cfg = load_pipeline_config(REPO / "configs/experiments/ham10000_label_efficiency_lease.json", required="arms")
+    cfg = load_config(REPO / "configs/experiments/ham10000_label_efficiency_lease.json", required="arms")
     assert validate_study(cfg, check_data=False) == []
     assert set(cfg["arms"]) == {"random", "phase1", "phase1_simclr", "phase1_micle", "supervised"}
     assert cfg["medical_per_arm"]["phase1_micle"]["max_epochs"] >= 100
@@ -187,7 +188,7 @@ def _class_folders(root: Path, classes: int = 2, per_class: int = 6) -> Path:
 def test_supervised_arm_trains_on_natural_labels_then_fine_tunes(tmp_path: Path) -> None:
     from conftest import require_data
 
-    from medssl_monai.study import natural_manifest
+    from medssl_monai.experiments.study import natural_manifest
 
     natural = _class_folders(tmp_path / "nat")
     m = pd.read_csv(natural_manifest(natural, tmp_path / "natural.csv", holdout_every=3))
@@ -206,7 +207,7 @@ def test_supervised_arm_trains_on_natural_labels_then_fine_tunes(tmp_path: Path)
         "eval_from_validation": True,
     }
     assert validate_study(cfg) == []
-    results = run_study(cfg)
+    results = run_study_and_summarize(cfg)
     run = tmp_path / "study"
     assert list(results["arm"]) == ["supervised"]
     pre = (run / "logs" / "pretrain_supervised.log").read_text()

@@ -17,16 +17,18 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from .data.credentials import Credentials, make_session, server_name
-from .data.manifest import PATHMAP_PREFIX, atomic_write_bytes, atomic_write_text, pathmap_path, read_manifest
-from .data.pacs_errors import PacsError, describe_http_error
+from ..data.credentials import Credentials, make_session, server_name
+from ..data.manifest import PATHMAP_PREFIX, atomic_write_bytes, atomic_write_text, pathmap_path, read_manifest
+from ..data.pacs_errors import PacsError, describe_http_error
 
-__all__ = ["CODING_SCHEME", "ModelIdentity", "model_identity", "results_to_dicom", "stow_files"]
+__all__ = ["CODING_SCHEME", "ModelIdentity", "model_identity", "results_to_dicom", "run_results_to_pacs", "stow_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +210,7 @@ def stow_files(url: str, files: list[str | os.PathLike], credentials: Credential
     import requests
     from dicomweb_client import DICOMwebClient
 
-    from .data.dicomweb_source import quiet_client_loggers
+    from ..data.dicomweb_source import quiet_client_loggers
 
     quiet_client_loggers()
     name = server_name(url)
@@ -225,3 +227,30 @@ def stow_files(url: str, files: list[str | os.PathLike], credentials: Credential
         sent += len(datasets)
     logger.info("sent %d SR objects to %s", sent, name)
     return sent
+
+
+def run_results_to_pacs(spec: Mapping[str, Any], predict_root: Path, manifest: Path, run_dir: Path, base: Path,
+                        force: bool = False) -> Path:
+    """A pipeline's ``results_to_pacs`` phase: an SR per predicted image in ``run_dir/results_to_pacs``
+    (private: original UIDs), sent by STOW-RS when ``spec`` has ``stow`` (a DICOMweb URL; ``auth_file`` and
+    ``ca_bundle``, ``@``-relative to ``base``, optional). Credentials come from the environment or
+    ``auth_file``, never from the config."""
+    from ..data.credentials import load_credentials
+    from ..experiments.config import resolve_path
+
+    out = run_dir / "results_to_pacs"
+    if (out / "results.csv").is_file() and not force:
+        logger.info("results_to_pacs: %s exists, skipped (use --force to re-run)", out / "results.csv")
+        return out
+    unknown = sorted(set(spec) - {"stow", "auth_file", "ca_bundle"})
+    if unknown:
+        raise ValueError(f"phases.results_to_pacs: unknown keys {unknown} (stow, auth_file, ca_bundle); credentials "
+                         "come from the environment or auth_file")
+    auth_file, ca_bundle = (resolve_path(spec[k], base) if spec.get(k) else None for k in ("auth_file", "ca_bundle"))
+    creds = load_credentials(auth_file) if spec.get("stow") else None
+    table = results_to_dicom(Path(predict_root) / "output" / "predictions.csv", manifest, predict_root, out)
+    print(f"[results_to_pacs] {len(table)} SR objects -> {out}", flush=True)
+    if spec.get("stow"):
+        sent = stow_files(spec["stow"], [out / f for f in table["sr_file"]], creds, ca_bundle)
+        print(f"[results_to_pacs] sent (STOW-RS): {sent}", flush=True)
+    return out

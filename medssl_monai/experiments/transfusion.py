@@ -18,20 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from .bundle.locate import bundle_path
-from .data.manifest import atomic_write_text
-from .pipeline import _resolve, bundle_minutes, run_bundle, unknown_keys, unknown_overrides
-from .report import read_curve
+from ..bundle.locate import bundle_path
+from .config import resolve_path, unknown_keys, unknown_overrides
+from .results import read_curve, steps_to_target
+from .runner import run_bundle
 from .study import prepare_experiment, table_keys
 
-__all__ = ["plan_runs", "run_transfusion", "steps_to_target", "validate_transfusion"]
+__all__ = ["TransfusionSummary", "plan_runs", "run_transfusion", "validate_transfusion"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _SIMILARITY_KEYS = frozenset({"split", "mode", "max_examples", "max_points"})
 
 def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
     """Problems with a transfusion config (empty when it can run)."""
-    from .networks import available_backbones
+    from ..networks import available_backbones
 
     problems = unknown_keys(cfg, TRANSFUSION_KEYS, "top level", comments=True)
     problems += unknown_keys(cfg.get("table") or {}, table_keys(), "table", comments=True)
@@ -79,9 +79,9 @@ def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> lis
                  for k in (hybrid.get("slim") or {}) if int(k) not in hybrid_ks]
     if check_data:
         base = Path(cfg.get("_base", "."))
-        if not Path(_resolve(cfg.get("table", {}).get("path", ""), base)).is_file():
+        if not Path(resolve_path(cfg.get("table", {}).get("path", ""), base)).is_file():
             problems.append("table: file not found")
-        if not Path(_resolve(cfg.get("natural_dir", ""), base)).is_dir():
+        if not Path(resolve_path(cfg.get("natural_dir", ""), base)).is_dir():
             problems.append("natural_dir: folder not found")
     return problems
 
@@ -154,8 +154,8 @@ def shrink_image_folder(src: Path, dst: Path, size: int) -> Path:
 def random_init_checkpoint(model: str, in_channels: int, seed: int, out: Path,
                            backbone_kwargs: Mapping[str, Any] | None = None) -> Path:
     """A backbone's default random init, drawn with ``seed`` and saved, so it is a "before" checkpoint."""
-    from .data.manifest import atomic_write_bytes
-    from .networks import get_backbone
+    from ..data.manifest import atomic_write_bytes
+    from ..networks import get_backbone
 
     if not out.is_file():
         torch.manual_seed(seed)
@@ -168,12 +168,6 @@ def random_init_checkpoint(model: str, in_channels: int, seed: int, out: Path,
     return out
 
 
-def steps_to_target(curve: pd.DataFrame, target: float) -> int | None:
-    """Training steps until the validation AUC first reaches ``target`` (``None``: never reached)."""
-    hit = curve[curve["auc_macro"] >= target]
-    return int(hit["step"].iloc[0]) if len(hit) else None
-
-
 def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader, max_examples: int,
                 mode: str = "positions", max_points: int = 512) -> pd.DataFrame:
     """CKA and SVCCA between each stage of a backbone before and after fine-tuning (same stage only).
@@ -181,8 +175,8 @@ def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader,
     ``mode="positions"`` treats every spatial position as a data point (the SVCCA authors' recipe for conv
     layers), which also gives SVCCA many more rows than channels.
     """
-    from .metrics.similarity import stage_similarity
-    from .networks import get_backbone, load_backbone_weights
+    from ..metrics.similarity import stage_similarity
+    from ..networks import get_backbone, load_backbone_weights
 
     nets = []
     for ckpt in (before, after):
@@ -199,16 +193,22 @@ def stage_moves(before: Path, after: Path, model: str, in_channels: int, loader,
     return pd.DataFrame(rows)
 
 
+#: what writes the summary from the per-run table, the similarity table, run folder, seconds and config
+TransfusionSummary = Callable[[pd.DataFrame, pd.DataFrame, Path, float, Mapping[str, Any]], Any]
+
+
 def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path | None = None,
-                    force: bool = False) -> pd.DataFrame:
-    """Run (or resume: finished runs are skipped) the four experiments; returns the per-run table."""
+                    force: bool = False, summary: TransfusionSummary | None = None) -> pd.DataFrame:
+    """Run (or resume: finished runs are skipped) the four experiments; returns the per-run table, after
+    ``summary`` (``medssl transfusion`` passes
+    :func:`~medssl_monai.reporting.transfusion_summary.write_transfusion_summary`)."""
     cfg, run, manifest = prepare_experiment(config, "transfusion", "models", validate_transfusion, run_dir)
     base = Path(cfg["_base"])
     code = cfg.get("allow_expressions") is True
     t0 = time.time()
     common = dict(cfg.get("common") or {})
     in_channels = int(common.get("in_channels", 3))
-    natural = Path(_resolve(cfg["natural_dir"], base))
+    natural = Path(resolve_path(cfg["natural_dir"], base))
     if cfg.get("natural_size"):
         natural = shrink_image_folder(natural, run / "data" / f"natural_{cfg['natural_size']}",
                                       int(cfg["natural_size"]))
@@ -242,7 +242,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
             overrides["backbone_kwargs"] = r["slim"]
         run_bundle(bundle_path("finetune_classification"), "train.json", root, overrides, run,
                    f"ft_{r['experiment']}_{name}", root / "models/model.pt", force=force, allow_expressions=code)
-        curve = read_curve(root / "output" / "tensorboard")
+        curve = read_curve(root / "output")
         curve.to_csv(root / "output" / "val_curve.csv", index=False)
         last = curve.iloc[-1]
         row = {**{k: v for k, v in r.items() if k != "slim"}, "slim": json.dumps(r["slim"]) if r["slim"] else "",
@@ -257,7 +257,8 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     results.to_csv(run / "results.csv", index=False)
 
     sim = similarity_before_after(results, cfg, manifest, run, force=force)
-    write_transfusion_summary(results, sim, run, time.time() - t0, cfg)
+    if summary is not None:
+        summary(results, sim, run, time.time() - t0, cfg)
     return results
 
 
@@ -274,8 +275,8 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
         newest = max(Path(a).stat().st_mtime for a in init_runs["after"])
         if set(cached["run"]) == set(init_runs["run"]) and out.stat().st_mtime > newest:
             return cached
-    from .bundle.data import eval_dataset, load_rows
-    from .data.bad_images import collate_readable
+    from ..bundle.data import eval_dataset, load_rows
+    from ..data.bad_images import collate_readable
 
     opts = cfg.get("similarity") or {}
     common = cfg.get("common") or {}
@@ -292,97 +293,3 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
     sim = pd.concat(parts, ignore_index=True)
     sim.to_csv(out, index=False)
     return sim
-
-
-def _param_count(model: str, in_channels: int, slim: str = "") -> int:
-    from .networks import get_backbone
-
-    net = get_backbone(model, in_channels=in_channels, **(json.loads(slim) if slim else {}))
-    return sum(p.numel() for p in net.parameters())
-
-
-def write_transfusion_summary(results: pd.DataFrame, sim: pd.DataFrame, run: Path, seconds: float,
-                              cfg: Mapping[str, Any]) -> Path:
-    """``results.md`` (tables per experiment), ``curves.png`` (val AUC vs step) and ``similarity.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    in_channels = int((cfg.get("common") or {}).get("in_channels", 3))
-    targets = [f"steps_to_auc_{t:g}" for t in cfg["targets"]]
-    exps = list(dict.fromkeys(results["experiment"]))
-    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 4), squeeze=False)
-    for ax, exp in zip(axes[0], exps):
-        sub = results[(results["experiment"] == exp) & (results["seed"] == results["seed"].min())]
-        for r in sub.itertuples(index=False):
-            curve = pd.read_csv(Path(r.after).parent.parent / "output" / "val_curve.csv")
-            ax.plot(curve["step"], curve["auc_macro"], marker=".", label=r.run.rsplit("_s", 1)[0])
-        for t in cfg["targets"]:
-            ax.axhline(float(t), color="grey", lw=0.5, ls="--")
-        ax.set_title(exp)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("val macro AUC")
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run / "curves.png", dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    mean = sim.groupby(["model", "init", "method", "stage", "depth"], sort=False)["similarity"].mean().reset_index()
-    for ax, method in zip(axes, ("cka", "svcca")):
-        for (model, init), g in mean[mean["method"] == method].groupby(["model", "init"], sort=False):
-            ax.plot(g["depth"], g["similarity"], marker="o", ls="-" if init == "random" else "--",
-                    label=f"{model} ({init})")
-        ax.set_xlabel("relative depth of the stage")
-        ax.set_ylabel(f"{method.upper()}(before, after fine-tuning)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run / "similarity.png", dpi=100)
-    plt.close(fig)
-
-    results = results.copy()
-    for t in targets:  # not reached counts as slower than any step, so one lucky seed cannot make the median
-        results[t] = pd.to_numeric(results[t], errors="coerce").fillna(float("inf"))
-    agg = {"balanced_accuracy": ["mean", "std"], "auc_macro": ["mean", "std"], "seed": "count",
-           **{t: "median" for t in targets}}
-    lines = [f"# Transfusion experiments\n\nWall time of the last invocation: {seconds / 60:.1f} min; bundle runs: "
-             f"{bundle_minutes(run):.1f} min in total (from their logs). Validation metrics after the last "
-             f"epoch (mean ± std over seeds); steps to reach a validation macro AUC (median over seeds, "
-             "a seed that never reaches it counting as infinitely slow; '-' = the median run did not reach it).\n"]
-    for exp in exps:
-        sub = results[results["experiment"] == exp]
-        g = sub.groupby(["model", "init", "k", "slim"], dropna=False, sort=False).agg(agg)
-        g.columns = ["bal_mean", "bal_std", "auc_mean", "auc_std", "seeds", *targets]
-        lines += [f"\n## {exp}\n", "| model | params | init | k | slim | balanced acc. | macro AUC | seeds | "
-                  + " | ".join(f"steps to AUC {t:g}" for t in cfg["targets"]) + " |",
-                  "|---|---:|---|---:|---|---:|---:|---:|" + "---:|" * len(targets)]
-        for (model, init, k, slim), v in g.iterrows():
-            sd = lambda x: "" if pd.isna(x) else f" ± {x:.3f}"  # noqa: E731
-            steps = " | ".join("-" if v[t] == float("inf") else f"{v[t]:.0f}" for t in targets)
-            kk = "" if pd.isna(k) else f"{int(k)}"
-            lines.append(f"| {model} | {_param_count(model, in_channels, slim) / 1e6:.2f}M | {init} | {kk} | {slim or ''} | "
-                         f"{v.bal_mean:.3f}{sd(v.bal_std)} | {v.auc_mean:.3f}{sd(v.auc_std)} | {int(v.seeds)} | {steps} |")
-    mean["stage_no"] = mean.groupby(["model", "init", "method"], sort=False).cumcount() + 1
-    mean["cell"] = mean["stage"] + " " + mean["similarity"].map("{:.3f}".format)
-    lines.append("\n## similarity before vs after fine-tuning (per stage from the input up, mean over seeds)\n")
-    for method in ("cka", "svcca"):
-        piv = mean[mean["method"] == method].pivot_table(index=["model", "init"], columns="stage_no", values="cell",
-                                                         aggfunc="first", sort=False)
-        lines += [f"\n{method.upper()}:\n", _md(piv)]
-    lines += [
-              "\n![curves](curves.png)\n\n![similarity](similarity.png)\n"]
-    out = run / "results.md"
-    atomic_write_text(out, "\n".join(lines))
-    return out
-
-
-def _md(df: pd.DataFrame) -> str:
-    cols = [f"stage {c}" for c in df.columns]
-    head = "| model | init | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols)
-    body = ["| " + " | ".join(str(i) for i in idx) + " | " + " | ".join("" if pd.isna(x) else str(x) for x in row)
-            + " |" for idx, row in zip(df.index, df.to_numpy())]
-    return "\n".join([head, *body])

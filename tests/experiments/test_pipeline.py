@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from medssl_monai.data import check_no_leakage, read_manifest
-from medssl_monai.pipeline import run_pipeline
+from medssl_monai.reporting.pipeline_report import run_pipeline_and_report
 from medssl_monai.sample_data import make_sample_data
 
 
@@ -26,7 +27,7 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
                    "predict": {"split": "test"}, "embed": {}},
         "label_efficiency": {"fractions": [0.5, 1.0], "seeds": {"0.5": [0, 1], "1.0": [0]}},
     }
-    roots = run_pipeline(cfg)
+    roots = run_pipeline_and_report(cfg, note="Generated images: a smoke run.")
     run = tmp_path / "run"
     manifest = read_manifest(run / "data" / "manifest.csv")
     check_no_leakage(manifest)
@@ -46,6 +47,10 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert int(cm.to_numpy().sum()) == len(test_rows)
     # the report: every section, its figures, and numbers that agree with the phases' own outputs
     report = (run / "report" / "report.md").read_text()
+    assert report.splitlines()[2] == "**Generated images: a smoke run.**"  # said before any number
+    for phase in ("micle", "finetune", "evaluate"):  # wall time as the runner recorded it, not log timestamps
+        record = json.loads((run / "logs" / f"{phase}.json").read_text())
+        assert record["exit"] == 0 and f"| {phase} | {roots[phase].name} | {record['seconds']:.0f} |" in report
     for section in ("## Data", "## Phases", "## Training curves", "## Evaluation on the `test` split",
                     "## Learned embeddings", "## Subgroups", "## Label efficiency"):
         assert section in report, section
@@ -66,7 +71,9 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
                 run / "label_efficiency" / f"{r.arm}_f{r.fraction:g}_s{r.seed}" / "finetune_classification")
         acc = EventAccumulator(str(root / "output" / "tensorboard"))
         acc.Reload()
-        assert r.auc_macro == acc.Scalars("auc_macro")[-1].value
+        # TensorBoard stores float32: the independent reference agrees to its precision; metrics.csv exactly
+        assert r.auc_macro == pytest.approx(acc.Scalars("auc_macro")[-1].value, rel=1e-6)
+        assert r.auc_macro == pd.read_csv(root / "output" / "metrics.csv")["auc_macro"].iloc[-1]
         if (r.arm, r.fraction, r.seed) == ("pretrained", 1.0, 0):  # the fine-tuning phase itself: not re-run
             assert not (run / "configs" / "le_pretrained_1_s0.json").exists()
             continue
@@ -78,7 +85,7 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
     assert (run / "report" / "label_efficiency.png").stat().st_size > 5000
     # a second run skips every phase whose outputs exist
     capsys.readouterr()
-    run_pipeline(cfg)
+    run_pipeline_and_report(cfg)
     out = capsys.readouterr().out
     assert not any(f"[{p}" in out for p in ("micle", "finetune", "evaluate", "predict", "embed", "le_")), out
 
@@ -87,7 +94,7 @@ def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> N
     """A variant config names only what it changes; '@' paths keep meaning what they meant in their file."""
     import pytest
 
-    from medssl_monai.pipeline import load_pipeline_config
+    from medssl_monai.experiments.config import load_config
 
     (tmp_path / "base").mkdir()
     (tmp_path / "var").mkdir()
@@ -100,8 +107,8 @@ def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> N
     (tmp_path / "var" / "no_run_dir.json").write_text(json.dumps({"extends": "@../base/study.json"}))
     (tmp_path / "base" / "with_run_dir.json").write_text(json.dumps({"arms": [], "run_dir": "@runs/base"}))
     (tmp_path / "var" / "inherits.json").write_text(json.dumps({"extends": "@../base/with_run_dir.json"}))
-    assert "run_dir" not in load_pipeline_config(tmp_path / "var" / "inherits.json", required="arms")
-    cfg = load_pipeline_config(tmp_path / "var" / "v.json", required="arms")
+    assert "run_dir" not in load_config(tmp_path / "var" / "inherits.json", required="arms")
+    cfg = load_config(tmp_path / "var" / "v.json", required="arms")
     assert cfg["finetune"] == {"max_epochs": 10, "lr": 0.05}  # sections merge key by key
     assert cfg["fractions"] == [0.2]  # lists replace
     assert cfg["table"] == {"path": str(tmp_path / "base" / "data" / "meta.csv"), "label_col": "dx"}
@@ -109,7 +116,7 @@ def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> N
     assert "_comment" not in cfg and "extends" not in cfg
     (tmp_path / "base" / "study.json").write_text(json.dumps({"extends": "@../var/v.json", "arms": []}))
     with pytest.raises(ValueError, match="loops back"):
-        load_pipeline_config(tmp_path / "var" / "v.json", required="arms")
+        load_config(tmp_path / "var" / "v.json", required="arms")
     (tmp_path / "var" / "w.json").write_text(json.dumps({"extends": "nowhere.json", "arms": []}))
     with pytest.raises(ValueError, match=r"nowhere\.json, which does not exist"):
-        load_pipeline_config(tmp_path / "var" / "w.json", required="arms")
+        load_config(tmp_path / "var" / "w.json", required="arms")

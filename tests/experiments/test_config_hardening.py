@@ -19,11 +19,12 @@ import pytest
 
 from medssl_monai.bundle import check_cli_overrides
 from medssl_monai.cli import main
-from medssl_monai.pipeline import load_pipeline_config, prepare_data, validate_pipeline
+from medssl_monai.experiments.config import load_config
+from medssl_monai.experiments.pipeline import prepare_data, validate_pipeline
+from medssl_monai.experiments.transfusion import validate_transfusion
 from medssl_monai.sample_data import make_sample_data
-from medssl_monai.transfusion import validate_transfusion
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINETUNE = REPO / "bundles" / "finetune_classification"
 
 
@@ -98,8 +99,8 @@ def test_every_form_monai_would_interpret_is_refused(tmp_path: Path, value: dict
     for k, v in value.items():
         cfg[k] = {**cfg.get(k, {}), **v}
     with pytest.raises(ValueError, match=re.escape(f"pipe.json: {where}: ")):
-        load_pipeline_config(write(tmp_path / "pipe.json", cfg))
-    assert load_pipeline_config(write(tmp_path / "ok.json", {**cfg, "allow_expressions": True}))
+        load_config(write(tmp_path / "pipe.json", cfg))
+    assert load_config(write(tmp_path / "ok.json", {**cfg, "allow_expressions": True}))
 
 
 def test_dollar_in_study_config_is_refused_and_accepted_with_opt_in(tmp_path: Path) -> None:
@@ -118,14 +119,14 @@ def test_dollar_in_study_config_is_refused_and_accepted_with_opt_in(tmp_path: Pa
     # a parent's opt-in covers the parent only, not a variant that extends it
     child = write(tmp_path / "child.json", {"extends": "@study.json", "medical": {}, "phase1": {"lr": "$0.1"}})
     with pytest.raises(ValueError, match=r"child\.json: phase1\.lr: "):
-        load_pipeline_config(child, required="arms")
+        load_config(child, required="arms")
 
 
 def test_dollar_in_transfusion_config_is_refused(tmp_path: Path) -> None:
     cfg = json.loads((REPO / "configs/experiments/ham10000_transfusion.json").read_text())
     cfg["hybrid"]["slim"] = {"3": {"block_inplanes": "$__import__('os').getpid()"}}
     with pytest.raises(ValueError, match=r"hybrid\.slim\.3\.block_inplanes: .* Python expression"):
-        load_pipeline_config(write(tmp_path / "t.json", cfg), required="models")
+        load_config(write(tmp_path / "t.json", cfg), required="models")
 
 
 def test_opted_in_expression_reaches_the_bundle_and_a_failed_phase_is_one_line(tmp_path: Path,
@@ -180,7 +181,7 @@ def test_typos_are_refused_with_the_nearest_name(tmp_path: Path, capsys, command
 
 
 def test_transfusion_typos_are_refused() -> None:
-    cfg = load_pipeline_config(REPO / "configs/experiments/ham10000_transfusion.json", required="models")
+    cfg = load_config(REPO / "configs/experiments/ham10000_transfusion.json", required="models")
     cfg.update(target=[0.8], similarity={"max_example": 10}, common={"image_sise": 32})
     problems = " | ".join(validate_transfusion(cfg, check_data=False))
     for needle in ("did you mean 'targets'?", "did you mean 'max_examples'?", "did you mean 'image_size'?"):
@@ -188,7 +189,7 @@ def test_transfusion_typos_are_refused() -> None:
 
 
 def test_demo_config_has_no_unknown_key() -> None:
-    assert validate_pipeline(load_pipeline_config(REPO / "configs" / "pipeline_demo.json")) == []
+    assert validate_pipeline(load_config(REPO / "configs" / "pipeline_demo.json")) == []
 
 
 def test_bundle_cli_refuses_an_override_typo(tmp_path: Path) -> None:
@@ -251,3 +252,15 @@ def test_config_file_errors_are_one_line(tmp_path: Path, capsys, monkeypatch, ar
     capsys.readouterr()
     code = main(args)
     assert needle in one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), command)
+
+
+def test_bare_driver_refuses_the_reporting_step_before_running(tmp_path: Path) -> None:
+    """Results back to the PACS sit in the reporting layer: the driver alone refuses a config naming them,
+    before anything is written; ``run_pipeline_and_report`` (``medssl pipeline``) runs them."""
+    from medssl_monai.experiments.pipeline import run_pipeline
+
+    cfg = {"_base": str(tmp_path), "run_dir": "@run", "data": {"manifest": "m.csv"},
+           "phases": {"finetune": {}, "predict": {}, "results_to_pacs": {}}}
+    with pytest.raises(ValueError, match="results_to_pacs: a reporting step"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()
