@@ -144,8 +144,8 @@ def test_from_preset_follows_the_preset_and_its_overrides() -> None:
 
 def test_micle_bundle_with_views_on_the_device(tmp_path: Path) -> None:
     """The bundle key: the loader only resizes, the trainer makes the views (here on the CPU device)."""
+    from bundle.test_bundles import copy_bundle, monai_bundle
     from conftest import require_data
-    from test_bundles import copy_bundle, monai_bundle
 
     from medssl_monai.data import table_to_manifest, write_manifest
 

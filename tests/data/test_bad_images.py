@@ -23,7 +23,7 @@ from medssl_monai.data import read_manifest
 from medssl_monai.data.bad_images import BadImageLog, TooManyBadImagesError, max_bad_count
 from medssl_monai.sample_data import synthetic_image, write_dicom
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = "1.2.826.0.1.3680043.10.1431.77."
 
 

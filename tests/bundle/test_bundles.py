@@ -19,7 +19,7 @@ import torch
 
 from medssl_monai.data import table_to_manifest, write_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLES = ["simclr_natural", "micle_medical", "finetune_classification"]
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 

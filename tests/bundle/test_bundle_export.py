@@ -11,7 +11,7 @@ from medssl_monai.bundle.export import export_bundles
 from medssl_monai.bundle.locate import BUNDLE_NAMES, bundle_path, bundles_root
 from medssl_monai.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bundles_are_found_through_the_package_in_a_checkout() -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from medssl_monai.data import write_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "finetune_classification"
 CLASSES = ["effusion", "nodule", "normal"]
 

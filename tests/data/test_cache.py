@@ -170,7 +170,7 @@ def test_bundles_train_one_epoch_from_the_cache(tmp_path: Path, ham10000: Path) 
 
     from medssl_monai.data import table_to_manifest, write_manifest
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     m = table_to_manifest(ham10000 / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
     manifest = tmp_path / "ham_mini.csv"
     write_manifest(m[m["mini"]], manifest)

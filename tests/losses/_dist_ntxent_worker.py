@@ -1,4 +1,4 @@
-"""One rank of the multi-process NT-Xent test (gloo on CPU), launched by ``tests/test_ntxent.py``.
+"""One rank of the multi-process NT-Xent test (gloo on CPU), launched by ``tests/losses/test_ntxent.py``.
 
 Usage: ``python _dist_ntxent_worker.py RANK WORLD_SIZE INIT_FILE OUT_DIR``. Every rank builds the same
 global batches from fixed seeds, takes its rows, runs the distributed loss and saves what it saw to

@@ -34,7 +34,7 @@ from medssl_monai.experiments.pipeline import prepare_data
 from medssl_monai.reporting.dicom_sr import run_results_to_pacs
 from medssl_monai.sample_data import CLASSES, make_sample_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: header edits that give the filters something to select: patient -> attributes
 EDITS = {
     "SMP001": {"SeriesDescription": "PA chest"},
