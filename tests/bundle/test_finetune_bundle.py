@@ -231,3 +231,29 @@ def test_multi_gpu_config_merges_over_the_declarative_train_config(manifest: Pat
     names = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
     assert names[0] == "ValidationHandler" and names[-1] == "TrainingCheckpoint"
     assert trainer.data_loader.batch_size == 16 and len(trainer.data_loader.dataset) == 18
+
+
+def test_finetune_refuses_rows_added_after_the_split(manifest: Path, tmp_path: Path) -> None:
+    """A re-index after the split leaves new rows unassigned: the fine-tune neither trains on them nor
+    silently drops them, it stops and says how many (issue 13, item 11)."""
+    import pandas as pd
+    from monai.bundle import ConfigParser
+
+    df = pd.read_csv(manifest, keep_default_na=False, na_filter=False, dtype=str)
+    df.loc[df.index[:2], "split"] = ""
+    write_manifest(df, tmp_path / "reindexed.csv")
+    for m in (manifest, tmp_path / "reindexed.csv"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path), "manifest": str(m)})
+        if m == manifest:
+            assert set(parser.get_parsed_content("all_rows")["split"]) == {"train", "val"}
+        else:
+            with pytest.raises(Exception) as info:  # MONAI wraps the error: its cause names the rows
+                parser.get_parsed_content("all_rows")
+            err: BaseException | None = info.value
+            messages = []
+            while err is not None:
+                messages.append(str(err))
+                err = err.__cause__ or err.__context__
+            assert any("2 row(s) have no 'split'" in m for m in messages), messages
