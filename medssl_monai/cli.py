@@ -81,7 +81,7 @@ def cmd_index_pacs(args: argparse.Namespace) -> int:
             ca_bundle=args.ca_bundle, calling_ae=args.calling_ae, called_ae=args.called_ae,
             download_workers=args.download_workers, timeout=args.timeout, workers=args.workers, pseudonymizer=pz,
             incremental=not args.full, expand_frames=args.expand_frames, labels=labels, label_key=args.label_key,
-            label_column=args.label_col)
+            label_column=args.label_col, max_pixels=_max_pixels(args))
     except (PacsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

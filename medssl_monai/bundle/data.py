@@ -119,13 +119,18 @@ def load_rows(
 
 def _image_cache(rows: pd.DataFrame, cache: str, source_size: int | Sequence[int] | None, image_size: int,
                  channels: int, cache_dir: str | os.PathLike | None, budget_gib: float | None,
-                 device: str | torch.device | None = None, num_workers: int = 0) -> ImageCache:
-    """The decoded-image cache of ``rows`` (see :mod:`medssl_monai.data.cache`); failed rows are logged."""
+                 device: str | torch.device | None = None, num_workers: int = 0, phase: str = "train") -> ImageCache:
+    """The decoded-image cache of ``rows`` (see :mod:`medssl_monai.data.cache`). Rows that could not be
+    decoded are left out and recorded like any unreadable image (``bad_images.csv`` under ``phase``), so they
+    count towards ``max_bad_images`` as they do without the cache."""
     images = build_image_cache(rows, source_size, channels, mode=cache, cache_dir=cache_dir, device=device,
                                budget_gib=budget_gib, num_workers=num_workers, image_size=image_size)
     if images.failures:
         logger.warning("image cache: %d of %d images could not be decoded and are left out", len(images.failures),
                        len(rows))
+        log = BadImageLog(phase, len(rows))
+        for failure in images.failures:
+            log.record(str(failure["key"]), str(failure["reason"]))
     logger.info("image cache (%s): %d images at %s, %.1f MiB, %d decoded now", cache, len(images.images),
                 images.source_size, images.nbytes() / 2**20, images.decoded)
     return images
@@ -133,10 +138,11 @@ def _image_cache(rows: pd.DataFrame, cache: str, source_size: int | Sequence[int
 
 def cached_items(items: list[dict[str, Any]], rows: pd.DataFrame, cache: str,
                   source_size: int | Sequence[int] | None, image_size: int, channels: int,
-                  cache_dir: str | os.PathLike | None, budget_gib: float | None) -> list[dict[str, Any]]:
+                  cache_dir: str | os.PathLike | None, budget_gib: float | None,
+                  phase: str = "train") -> list[dict[str, Any]]:
     """``items`` with ``image`` replaced by the row's cached uint8 ``(C, H, W)`` (host RAM: per-item
-    transforms run on the CPU), rows that could not be decoded dropped."""
-    images = _image_cache(rows, "host", source_size, image_size, channels, cache_dir, budget_gib)
+    transforms run on the CPU), rows that could not be decoded dropped (and recorded under ``phase``)."""
+    images = _image_cache(rows, "host", source_size, image_size, channels, cache_dir, budget_gib, phase=phase)
     out = []
     for item, slot in zip(items, images.slots):
         if slot >= 0:
@@ -246,7 +252,7 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
         items.append(item)
     if image_cache != "none":
         items = cached_items(items, rows, image_cache, source_size, image_size, channels, cache_dir,
-                              cache_budget_gib)
+                             cache_budget_gib, phase=phase)
     transform = skip_unreadable(Compose([
         *([] if image_cache != "none" else [LoadManifestImaged(keys="image", channels=channels)]),
         EnsureFloatImaged(keys="image", num_channels=channels),

@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from monai.transforms import Resize
 
+from .privacy import redact_paths
 from .reader import LoadManifestImage
 
 __all__ = ["CACHE_MODES", "CacheBudgetError", "ImageCache", "build_image_cache", "cache_budget_bytes",
@@ -142,7 +143,8 @@ class DecodeRow:
         except Exception as err:  # reported and left out, never a crash
             reason = f"{type(err).__name__}: {err}"
             path = str(row.get("path", ""))
-            return None, reason.replace(path, "<file>") if path else reason
+            reason = reason.replace(path, "<file>") if path else reason
+            return None, redact_paths(reason)  # stored in the cache's index: no other form of a path either
 
 
 class _RowsDataset(torch.utils.data.Dataset):

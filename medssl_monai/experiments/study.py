@@ -197,7 +197,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         models["phase1"] = str(root / "models" / "model.pt")
     for arm in arms:
         if arm in SUPERVISED_ARMS:
-            models[arm] = given.get(arm) or _supervised_natural(cfg, run, common, force)
+            models[arm] = given.get(arm) or _supervised_natural(cfg, run, common, force, code)
             continue
         pairing = ARMS[arm][1]
         if pairing is None:
@@ -261,12 +261,14 @@ def natural_manifest(natural_dir: str | Path, out: Path, holdout_every: int = 10
     return out
 
 
-def _supervised_natural(cfg: Mapping[str, Any], run: Path, common: Mapping[str, Any], force: bool) -> str:
+def _supervised_natural(cfg: Mapping[str, Any], run: Path, common: Mapping[str, Any], force: bool,
+                        allow_expressions: bool = False) -> str:
     """The supervised-pretraining arm's start: the fine-tuning bundle trained on all natural labels."""
     manifest = natural_manifest(resolve_path(cfg["natural_dir"], Path(cfg["_base"])), run / "data" / "natural.csv")
     root = run / "pretrain" / "supervised" / "finetune_classification"
     run_bundle(bundle_path("finetune_classification"), "train.json", root,
                {**common, "manifest": str(manifest), "label_fraction": 1.0, "seed": 0,
                 **(cfg.get("supervised") or {})},
-               run, "pretrain_supervised", root / "models/model.pt", force=force)
+               run, "pretrain_supervised", root / "models/model.pt", force=force,
+               allow_expressions=allow_expressions)
     return str(root / "models" / "model.pt")

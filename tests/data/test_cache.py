@@ -197,3 +197,32 @@ def test_bundles_train_one_epoch_from_the_cache(tmp_path: Path, ham10000: Path) 
     ft_log = (roots["finetune_classification"] / "output" / "train.log").read_text()
     assert "image cache (host)" in ft_log
     assert len(list(store.glob("*/index.json"))) == 1  # one store, shared by both bundles
+
+
+def test_cache_failures_count_as_bad_images(tmp_path: Path) -> None:
+    """Rows the cache cannot decode are recorded in the run's ``bad_images.csv`` and count towards
+    ``max_bad_images``, as unreadable images do without the cache."""
+    import csv
+
+    from medssl_monai.bundle import classification_items
+    from medssl_monai.data.bad_images import TooManyBadImagesError, configure_bad_images
+
+    rows = _pngs(tmp_path / "img", 4).assign(label="a")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    rows = pd.concat([rows, pd.DataFrame([{"path": str(tmp_path / "img" / "broken.png"), "sop_uid": "pm:bad1",
+                                           "patient_id": "x", "label": "a"}])], ignore_index=True)
+    errors = tmp_path / "out" / "bad_images.csv"
+    try:
+        configure_bad_images(errors, max_bad=2)
+        items = classification_items(rows, cache="host", source_size=(12, 16), image_size=8, channels=3,
+                                     cache_dir=tmp_path / "cache", phase="eval")
+        assert len(items) == 4 and all(isinstance(i["image"], torch.Tensor) for i in items)
+        recorded = list(csv.DictReader(errors.open()))
+        assert [(r["key"], r["phase"]) for r in recorded] == [("pm:bad1", "eval")]
+        assert str(tmp_path) not in errors.read_text()
+        configure_bad_images(tmp_path / "out2" / "bad_images.csv", max_bad=0)
+        with pytest.raises(TooManyBadImagesError):
+            classification_items(rows, cache="host", source_size=(12, 16), image_size=8, channels=3,
+                                 cache_dir=tmp_path / "cache", phase="train")
+    finally:
+        configure_bad_images(None)
