@@ -34,6 +34,7 @@ from .finetune import (
     load_architecture,
     other_metrics,
     training_labels,
+    without_architecture,
 )
 from .network import classifier_def
 from .overrides import check_cli_overrides
@@ -83,6 +84,7 @@ __all__ = [
     "summary_writer",
     "training_labels",
     "unwrap",
+    "without_architecture",
     "world_size",
     "wrap_ddp",
     "write_embeddings",

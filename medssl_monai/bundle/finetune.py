@@ -39,6 +39,7 @@ __all__ = [
     "load_architecture",
     "other_metrics",
     "training_labels",
+    "without_architecture",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "backbone": "resnet18", "backbone_kwargs": {}, "in_channels": 3, "image_size": 64,
     "keep_projection_layers": 0, "projection_dim": 128, "projection_layers": 3, "multi_label": False,
 }
+
+
+def without_architecture(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` less the keys a trained bundle records (:data:`ARCHITECTURE_DEFAULTS`, ``classes``).
+
+    Evaluation and prediction read the architecture from ``models/architecture.json``; a driver's shared
+    (``common``) values would override it on the command line and rebuild a different network than the one
+    trained when a phase changed them.
+    """
+    return {k: v for k, v in overrides.items() if k not in ARCHITECTURE_DEFAULTS and k != "classes"}
 
 
 def finetune_bundle_dir() -> Path:

@@ -248,6 +248,10 @@ def run_pipeline(config: str | os.PathLike | Mapping[str, Any], run_dir: str | o
             if _RUNS_IN[name] not in roots:
                 raise ValueError(f"phase {name!r} needs phase {_RUNS_IN[name]!r} in the same config")
             overrides.pop("pretrained_ckpt", None)
+            if bundle == "finetune_classification":  # the trained bundle's recorded architecture wins
+                from ..bundle.finetune import without_architecture
+
+                overrides = without_architecture(overrides)
         overrides.update({k: resolve_path(v, base) for k, v in (phase or {}).items()})
         roots[name] = run_phase(name, cfg, run, overrides, force)
     if cfg.get("label_efficiency") and manifest is not None and "finetune" in roots:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..bundle.finetune import without_architecture
 from ..bundle.locate import bundle_path
 from ..data.manifest import atomic_write_text, write_manifest
 from .config import check_data_config, for_config, load_config, resolve_path, unknown_keys, unknown_overrides
@@ -227,7 +228,7 @@ def run_study(config: str | Path | Mapping[str, Any], run_dir: str | Path | None
         else:
             ev = root / "output" / f"eval_{eval_split}"
             run_bundle(bundle_path("finetune_classification"), ("train.json", "evaluate.json"), root,
-                       {**for_config({k: v for k, v in common.items() if k != "num_workers"},
+                       {**for_config(without_architecture({k: v for k, v in common.items() if k != "num_workers"}),
                                      [bundle_path("finetune_classification") / "configs" / f
                                       for f in ("train.json", "evaluate.json")]),
                         "manifest": str(manifest), "eval_split": eval_split}, run, f"eval_{arm}_{frac:g}_s{seed}",

@@ -257,3 +257,19 @@ def test_finetune_refuses_rows_added_after_the_split(manifest: Path, tmp_path: P
                 messages.append(str(err))
                 err = err.__cause__ or err.__context__
             assert any("2 row(s) have no 'split'" in m for m in messages), messages
+
+
+def test_evaluation_overrides_leave_the_recorded_architecture_alone() -> None:
+    """Shared driver overrides must not replace what the trained bundle recorded (issue 14's self-describing
+    bundle): every architecture key evaluate/inference read from models/architecture.json is dropped."""
+    import json
+
+    from medssl_monai.bundle import ARCHITECTURE_DEFAULTS, without_architecture
+
+    common = {"backbone": "resnet50", "image_size": 128, "in_channels": 3, "classes": ["x"], "num_workers": 2,
+              "amp": "bf16", "manifest": "m.csv"}
+    assert without_architecture(common) == {"num_workers": 2, "amp": "bf16", "manifest": "m.csv"}
+    # the keys dropped are exactly those the shipped evaluate config takes from the architecture record
+    evaluate = json.loads((BUNDLE / "configs" / "evaluate.json").read_text())
+    recorded = {k for k, v in evaluate.items() if isinstance(v, str) and v.startswith("$@architecture[")}
+    assert recorded == set(ARCHITECTURE_DEFAULTS) | {"classes"}
