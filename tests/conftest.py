@@ -68,3 +68,11 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def multiclass_data():
+    """4 classes, noisy but informative probabilities rounded to create ties (``references.multiclass_probs``)."""
+    from references import multiclass_probs
+
+    return multiclass_probs()

@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from ignite.engine import Engine
 from PIL import Image
+from references import ref_confusion
 
 from medssl_monai.handlers import ConfusionMatrixWriter
-
-
-def ref_confusion(y_true, y_pred, k):
-    cm = [[0] * k for _ in range(k)]
-    for t, p in zip(y_true, y_pred):
-        cm[t][p] += 1
-    return np.array(cm)
-
-
-@pytest.fixture
-def multiclass_data():
-    """4 classes, noisy but informative probabilities rounded to create ties."""
-    rng = np.random.default_rng(7)
-    n, k = 90, 4
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    probs = np.round(probs, 1)  # many ties
-    return y, probs
 
 
 def _engine(y, probs, batch=16):

@@ -8,39 +8,21 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
+from references import ClusterSet, clusters
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from medssl_monai.handlers import KNNMonitor
 
 
-def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.eye(dim)[:num_classes] * 5
-    y = torch.arange(num_classes).repeat_interleave(n_per_class)
-    x = centers[y] + noise * torch.randn(len(y), dim, generator=g)
-    return x, y
-
-
-class _ClusterSet(Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.x[i], "label": self.y[i]}
-
-
 def _monitor(interval: int = 2) -> KNNMonitor:
-    train_x, train_y = _clusters(20, 3, 8, noise=0.2, seed=0)
-    val_x, val_y = _clusters(10, 3, 8, noise=0.2, seed=1)
+    train_x, train_y = clusters(20, 3, 8, noise=0.2, seed=0)
+    val_x, val_y = clusters(10, 3, 8, noise=0.2, seed=1)
     return KNNMonitor(
         nn.Identity(),
-        DataLoader(_ClusterSet(train_x, train_y), batch_size=8, shuffle=True),  # iterating draws from torch RNG
-        DataLoader(_ClusterSet(val_x, val_y), batch_size=8),
+        DataLoader(ClusterSet(train_x, train_y), batch_size=8, shuffle=True),  # iterating draws from torch RNG
+        DataLoader(ClusterSet(val_x, val_y), batch_size=8),
         interval=interval, k=5, name="knn_top1",
     )
 

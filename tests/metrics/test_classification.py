@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from references import ref_confusion
 
 from medssl_monai.metrics.classification import (
     accuracy,
@@ -33,13 +34,6 @@ def mann_whitney_auc(pos_scores, neg_scores) -> float:
     return total / (len(pos_scores) * len(neg_scores))
 
 
-def ref_confusion(y_true, y_pred, k):
-    cm = [[0] * k for _ in range(k)]
-    for t, p in zip(y_true, y_pred):
-        cm[t][p] += 1
-    return np.array(cm)
-
-
 def ref_balanced_accuracy(y_true, y_pred):
     recalls = []
     for c in sorted(set(y_true)):
@@ -56,19 +50,6 @@ def ref_ovr_auc(y_true, probs, c):
     return mann_whitney_auc(pos, neg)
 
 
-@pytest.fixture
-def multiclass_data():
-    """4 classes, noisy but informative probabilities rounded to create ties."""
-    rng = np.random.default_rng(7)
-    n, k = 90, 4
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    probs = np.round(probs, 1)  # many ties
-    return y, probs
-
-
-# ---------------------------------------------------------------------------------------------- plain
 def test_auc_closed_cases():
     y = np.array([0, 0, 1, 1, 2, 2])
     perfect = np.eye(3)[y] * 0.8 + 0.1

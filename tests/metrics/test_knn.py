@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from references import ClusterSet, clusters
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from medssl_monai.metrics.knn import extract_features, knn_accuracy, knn_predict, knn_scores
 
@@ -29,14 +30,6 @@ def _naive_knn(train_x, train_y, test_x, k, temperature, num_classes):
     return np.array(preds), np.array(all_votes)
 
 
-def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.eye(dim)[:num_classes] * 5
-    y = torch.arange(num_classes).repeat_interleave(n_per_class)
-    x = centers[y] + noise * torch.randn(len(y), dim, generator=g)
-    return x, y
-
-
 @pytest.mark.parametrize(("k", "temperature", "chunk_size"), [(20, 0.07, 1024), (5, 0.5, 7), (500, 0.1, 16)])
 def test_matches_naive_implementation(k, temperature, chunk_size):
     g = torch.Generator().manual_seed(k)
@@ -55,8 +48,8 @@ def test_matches_naive_implementation(k, temperature, chunk_size):
 
 
 def test_separated_clusters_are_classified_perfectly():
-    train_x, train_y = _clusters(30, 4, 8, noise=0.3, seed=0)
-    test_x, test_y = _clusters(20, 4, 8, noise=0.3, seed=1)
+    train_x, train_y = clusters(30, 4, 8, noise=0.3, seed=0)
+    test_x, test_y = clusters(20, 4, 8, noise=0.3, seed=1)
     assert knn_accuracy(train_x, train_y, test_x, test_y, k=20) == 1.0
     # cosine, not euclidean: scaling a sample does not change its neighbours
     assert knn_accuracy(train_x * 100, train_y, test_x * 0.01, test_y, k=20) == 1.0
@@ -94,22 +87,11 @@ class _Recorder(nn.Module):
         return f, f * 2  # (features, projections) like SSLModel
 
 
-class _ClusterSet(Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.x[i], "label": self.y[i]}
-
-
 def test_extract_features_batchwise_without_graph_and_restores_mode():
-    x, y = _clusters(25, 2, 8, noise=0.1, seed=0)
+    x, y = clusters(25, 2, 8, noise=0.1, seed=0)
     backbone = _Recorder()
     backbone.train()
-    feats, labels = extract_features(backbone, DataLoader(_ClusterSet(x, y), batch_size=16))
+    feats, labels = extract_features(backbone, DataLoader(ClusterSet(x, y), batch_size=16))
     assert backbone.calls == [(16, False, False), (16, False, False), (16, False, False), (2, False, False)]
     assert backbone.training  # put back in train mode
     assert feats.shape == (50, 8) and feats.dtype == torch.float32 and not feats.requires_grad

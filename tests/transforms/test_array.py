@@ -11,6 +11,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Resize
 from PIL import Image
+from references import numpy_blur
 
 from medssl_monai.transforms import (
     LUMA_WEIGHTS,
@@ -209,19 +210,6 @@ def test_grayscale_matches_weighted_sum():
     torch.testing.assert_close(d["image"], img)
 
 
-def _numpy_blur(img: np.ndarray, sigma: float, k: int) -> np.ndarray:
-    """Reference: 2D Gaussian as an explicit sum over kernel offsets on a reflect-padded image."""
-    x = np.arange(k) - (k - 1) / 2
-    g = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel2d = np.outer(g, g) / np.outer(g, g).sum()
-    r = k // 2
-    padded = np.pad(img, ((0, 0), (r, r), (r, r)), mode="reflect")
-    out = np.zeros_like(img, dtype=np.float64)
-    for dy in range(k):
-        for dx in range(k):
-            out += kernel2d[dy, dx] * padded[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
-    return out
-
 
 def test_blur_matches_reference_keeps_constant_and_smooths_noise():
     blur = RandGaussianBlur(sigma=(1.5, 1.5), prob=1.0)
@@ -229,7 +217,7 @@ def test_blur_matches_reference_keeps_constant_and_smooths_noise():
     assert side(64) == 7 and side(224) == 23  # ~10% of the side, odd
     noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     out = blur(noise)
-    np.testing.assert_allclose(out.numpy(), _numpy_blur(noise.numpy().astype(np.float64), 1.5, 7), atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), numpy_blur(noise.numpy().astype(np.float64), 1.5, 7), atol=1e-5)
     assert float(out.var()) < 0.3 * float(noise.var())
     assert abs(float(out.mean()) - float(noise.mean())) < 5e-3
     const = torch.full((1, 30, 40), 0.37)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from references import numpy_blur
 
 from medssl_monai.transforms import hsv_to_rgb, rgb_to_hsv
 from medssl_monai.transforms.functional import (
@@ -93,19 +94,6 @@ def test_colour_adjustments_take_one_factor_per_item(channels):
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
 
 
-def _numpy_blur(img: np.ndarray, sigma: float, k: int) -> np.ndarray:
-    """Reference: 2D Gaussian as an explicit sum over kernel offsets on a reflect-padded image."""
-    x = np.arange(k) - (k - 1) / 2
-    g = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel2d = np.outer(g, g) / np.outer(g, g).sum()
-    r = k // 2
-    padded = np.pad(img, ((0, 0), (r, r), (r, r)), mode="reflect")
-    out = np.zeros_like(img, dtype=np.float64)
-    for dy in range(k):
-        for dx in range(k):
-            out += kernel2d[dy, dx] * padded[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
-    return out
-
 
 def test_gaussian_blur_takes_one_sigma_per_item():
     x = torch.rand(4, 3, 40, 40, generator=torch.Generator().manual_seed(1))
@@ -114,11 +102,11 @@ def test_gaussian_blur_takes_one_sigma_per_item():
     assert k == 5  # 2 * (int(0.1 * 40) // 2) + 1
     batched = gaussian_blur(x, sigmas)
     for i in range(4):
-        np.testing.assert_allclose(batched[i].numpy(), _numpy_blur(x[i].double().numpy(), float(sigmas[i]), k), atol=1e-5)
+        np.testing.assert_allclose(batched[i].numpy(), numpy_blur(x[i].double().numpy(), float(sigmas[i]), k), atol=1e-5)
         torch.testing.assert_close(batched[i], gaussian_blur(x[i], float(sigmas[i])), atol=1e-6, rtol=0)
     # a fixed kernel side and a shared sigma for the batch
     torch.testing.assert_close(gaussian_blur(x, 1.2, kernel_size=9)[2], gaussian_blur(x[2], 1.2, kernel_size=9))
-    np.testing.assert_allclose(gaussian_blur(x, 1.2, kernel_size=9)[2].numpy(), _numpy_blur(x[2].double().numpy(), 1.2, 9),
+    np.testing.assert_allclose(gaussian_blur(x, 1.2, kernel_size=9)[2].numpy(), numpy_blur(x[2].double().numpy(), 1.2, 9),
                                atol=1e-5)
     assert blur_kernel_side(224) == 23 and blur_kernel_side(64) == 7 and blur_kernel_side(2, kernel_size=9) == 3
     per_item = gaussian_kernel1d(sigmas, 5)
