@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,pacs]"  # the tests use real PACS servers
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -20,7 +20,7 @@ lint: venv
 	$(VENV)/bin/ruff check medssl_monai tests bench
 
 test: venv lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=30
 
 sample-data: venv
 	$(PY) -m medssl_monai.sample_data sample_data

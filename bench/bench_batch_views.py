@@ -1,4 +1,4 @@
-"""Contrastive views per item in DataLoader workers (``views_on="cpu"``) vs per batch on the device
+"""Contrastive views per item in DataLoader workers (``views_on="host"``) vs per batch on the device
 (``views_on="device"``: workers only decode and resize, ``BatchViews`` augments), same preset, same data.
 
     python bench/bench_batch_views.py [--device cuda] [--workers 2] [--batches 20] [--size 64] \
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medssl_monai.bundle import contrastive_dataset, make_loader
-from medssl_monai.data import table_to_manifest
+from medssl_monai.data import ImageCacheSpec, table_to_manifest
 from medssl_monai.transforms import batch_views_for
 
 SHARED = Path(os.environ.get("MEDSSL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -82,9 +82,11 @@ def main() -> None:
         raise SystemExit(f"HAM10000 not found at {a.data} (set --data or MEDSSL_SHARED_DATA)")
     m = table_to_manifest(a.data / "metadata.csv", group_col="lesion_id", label_col="dx", instance_col="image_id")
     rows = m[m["split"] == "train"].reset_index(drop=True)
-    common = dict(rows=rows, pairing="micle", preset="dermatology", image_size=a.size, channels=3, seed=0)
-    cpu = make_loader(contrastive_dataset(**common, views_on="cpu"), a.batch, a.workers, shuffle=True, drop_last=True)
-    dev = make_loader(contrastive_dataset(**common, views_on="device", source_size=a.source_size), a.batch,
+    common = dict(rows=rows, pairing="micle", preset="dermatology", seed=0)
+    spec = ImageCacheSpec(source_size=a.source_size, image_size=a.size, in_channels=3)
+    cpu = make_loader(contrastive_dataset(**common, views_on="host", image_cache=spec), a.batch, a.workers,
+                      shuffle=True, drop_last=True)
+    dev = make_loader(contrastive_dataset(**common, views_on="device", image_cache=spec), a.batch,
                       a.workers, shuffle=True, drop_last=True)
     views = batch_views_for("dermatology", a.size, views_on="device", seed=0).to(a.device)
     step = _step(a.model, a.device) if a.model else None

@@ -303,8 +303,9 @@ def bundle_round(args: argparse.Namespace, batches: tuple, device: torch.device,
 def knn_data_seconds(manifest: Path, args: argparse.Namespace) -> float:
     """Seconds to iterate the k-NN monitor's two loaders alone (JPEG decode + resize, no model)."""
     from medssl_monai.bundle import knn_monitor
+    from medssl_monai.data import ImageCacheSpec
 
-    mon = knn_monitor(nn.Identity(), manifest=str(manifest), image_size=args.size, channels=3)
+    mon = knn_monitor(nn.Identity(), manifest=str(manifest), image_cache=ImageCacheSpec(image_size=args.size))
     if not hasattr(mon, "train_loader"):
         return float("nan")
     t = time.perf_counter()

@@ -8,7 +8,7 @@ with per-item CPU views, and lightly 1.6.0's SimCLR path on the same JPEGs (issu
 (b) the ``micle_medical`` bundle end to end (``ConfigWorkflow`` on its real ``train.json``, every default
     handler but the k-NN monitor) with ``cache: device``, ``views_on: device``: MICLe pairs gathered on the
     GPU, ``BatchViews`` augmenting there;
-(c) the same bundle with ``cache: none``, ``views_on: cpu`` (per-item decode + views in cores-2 workers);
+(c) the same bundle with ``cache: none``, ``views_on: host`` (per-item decode + views in cores-2 workers);
 (d) lightly 1.6.0: ``SimCLRTransform`` in DataLoader workers (cores-2) + torchvision ``resnet50``/``resnet18``
     (fc removed) + ``SimCLRProjectionHead`` + ``lightly.loss.NTXentLoss``, same batch, size, bf16,
     channels-last, SGD; one image twice (lightly has no MICLe pairs).
@@ -132,7 +132,7 @@ def bundle(manifest: Path, backbone: str, size: int, batch: int, source: list[in
         "backbone": backbone, "batch_size": batch, "image_size": size, "max_epochs": 1000, "knn_interval": 0,
         "device": f"$torch.device('{device}')", "amp": amp, "channels_last": device.type == "cuda",
         "num_workers": workers, "limit": limit, "resume": False,
-        "views_on": "device" if device_cache else "cpu", "cache": "device" if device_cache else "none",
+        "views_on": "device" if device_cache else "host", "cache": "device" if device_cache else "none",
         "source_size": source, "cache_dir": str(work / "image_cache"),
     }
     wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),

@@ -80,7 +80,7 @@ def view_throughput(n_pairs: int, workers: int) -> tuple[float, str]:
             paths.append(str(p))
         rows = pd.DataFrame({"path": paths, "patient_id": [str(i) for i in range(n_pairs)], "source": "image"})
         what = f"synthetic PNGs ({n_pairs}, 224 px)"
-    transform = Compose([LoadManifestImaged(keys=("image_1", "image_2"), channels=3),
+    transform = Compose([LoadManifestImaged(keys=("image_1", "image_2"), in_channels=3),
                          ContrastiveViewsd(keys=("image_1", "image_2"), transform="natural", spatial_size=(64, 64))])
     ds = ContrastivePairDataset(MultiInstanceIndex(rows), transform, pairing="simclr")
     loader = DataLoader(ds, batch_size=64, num_workers=workers, persistent_workers=False)

@@ -22,7 +22,8 @@
 #      medssl_monai's loader reads as the DICOM file itself.
 #   6. `monailabel` is a shell script running the first `python` on PATH.
 # VENV_DIR/bin/monailabel-medssl runs MONAI Label with 4-6 in place (this environment's bin first on PATH,
-# MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false unless set): `monailabel-medssl start_server ...`.
+# MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false unless set) and umask 077 (its DICOM cache holds PHI):
+# `monailabel-medssl start_server ...`.
 # Re-running is cheap: the pip installs are skipped while the stamp holds the hash of what they installed
 # (this script's package versions, pyproject.toml, constraints.txt); the fixes are re-applied every time.
 set -euo pipefail
@@ -99,6 +100,7 @@ cat > "$VENV/bin/monailabel-medssl" <<'SHEOF'
 # MONAI Label 0.8.5 with medssl-monai's settings (scripts/monai_label_env.sh): this environment first on PATH
 # (its python, the itkimage2segimage stand-in), DICOMweb series handed over as DICOM folders, not NIfTI.
 VENV="$(cd "$(dirname "$0")/.." && pwd)"
+umask 077  # MONAI Label's DICOM cache (PHI), labels and sessions: owner-only (0700/0600)
 PATH="$VENV/bin:$PATH"
 MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI="${MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI:-false}"
 export PATH MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI

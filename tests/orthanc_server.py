@@ -79,10 +79,15 @@ class OrthancServer:
     def auth(self) -> tuple[str, str]:
         return USER, self.password
 
+    @property
+    def http_auth(self) -> tuple[bytes, bytes]:
+        """``auth`` UTF-8 encoded, as Orthanc compares it (``requests`` would encode a str Latin-1)."""
+        return USER.encode("utf-8"), self.password.encode("utf-8")
+
     def rest(self, method: str, path: str, **kw):
         import requests
 
-        r = requests.request(method, self.url + path, auth=self.auth, timeout=30, **kw)
+        r = requests.request(method, self.url + path, auth=self.http_auth, timeout=30, **kw)
         r.raise_for_status()
         return r.json() if r.content else None
 
@@ -101,8 +106,11 @@ class OrthancServer:
                 self.process.wait(timeout=10)
 
 
-def start_orthanc(root: Path, password: str = "orthanc-test-secret", timeout: float = 60.0) -> OrthancServer:
-    """Write a configuration under ``root`` and start Orthanc with it; skip/fail when Orthanc is missing."""
+def start_orthanc(root: Path, password: str = "orthanc-test-secret", timeout: float = 60.0,
+                  options: dict | None = None, extra: dict | None = None) -> OrthancServer:
+    """Write a configuration under ``root`` and start Orthanc with it; skip/fail when Orthanc is missing.
+    ``options`` / ``extra`` add or replace top-level configuration options (e.g. ``{"OverwriteInstances":
+    True}``, ``{"LimitFindResults": 10}``)."""
     exe = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None)
     if exe is None:
         _missing("no 'Orthanc' executable")
@@ -138,6 +146,8 @@ def start_orthanc(root: Path, password: str = "orthanc-test-secret", timeout: fl
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Ssl": False, "StudiesMetadata": "Full",
                      "SeriesMetadata": "Full"},
     }
+    config.update(options or {})
+    config.update(extra or {})
     cfg = root / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=1))
     log = open(root / "orthanc.log", "w")
@@ -152,7 +162,7 @@ def start_orthanc(root: Path, password: str = "orthanc-test-secret", timeout: fl
             pytest.fail(f"Orthanc exited with {proc.returncode} at start-up:\n"
                         + (root / "orthanc.log").read_text()[-3000:])
         try:
-            r = requests.get(server.url + "/plugins", auth=server.auth, timeout=2)
+            r = requests.get(server.url + "/plugins", auth=server.http_auth, timeout=2)
             if r.status_code == 200 and "dicom-web" in r.json():
                 return server
         except requests.RequestException:

@@ -4,7 +4,9 @@
 checkout cannot leak in); ``pip install`` puts it in a new venv with ``PIP_CONSTRAINT=constraints.txt``
 (torch from the local CPU wheel; the rest from pip's cache, filled by the Makefile's own install). Then,
 with the repository off ``sys.path`` and the working directory outside it: sample data -> ``medssl
-pipeline`` -> report, and ``medssl bundles export`` -> ``python -m monai.bundle run`` on an exported bundle.
+pipeline`` -> report, ``build_finetune`` (its train.json from the package), and ``medssl bundles export`` ->
+``python -m monai.bundle run`` on an exported bundle, all without the ``pacs`` extra (a PACS command then
+names it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ def _copy_source(dst: Path) -> None:
             shutil.copy2(src, out)
 
 
+_BUILD_FINETUNE = """
+import torch
+from monai.data import DataLoader, Dataset
+
+from medssl_monai.bundle import build_finetune
+from medssl_monai.bundle.finetune import finetune_bundle_dir
+from medssl_monai.networks import get_backbone
+from medssl_monai.networks.heads import Classifier
+
+torch.manual_seed(0)
+items = [{"image": torch.randn(3, 16, 16) + (i % 2), "label": i % 2} for i in range(8)]
+dl = DataLoader(Dataset(items), batch_size=4)
+trainer, evaluator = build_finetune(Classifier(get_backbone("cbr_tiny", in_channels=3), 2), dl, dl, 2, max_epochs=1)
+trainer.run()
+print(finetune_bundle_dir())
+print(trainer.state.epoch, sorted(evaluator.state.metrics))
+"""
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("wheel_install")
@@ -97,6 +118,21 @@ def test_installed_wheel_runs_pipeline_and_exported_bundle(installed) -> None:
     listed = _run([str(bin_dir / "medssl"), "bundles", "list"], work).stdout.split()
     site = (tmp / "venv").resolve()
     assert listed[::2] == list(BUNDLES) and all(site in Path(p).parents for p in listed[1::2]), listed
+    # installed without the pacs extra (as pip does by default): a PACS command names the extra, in one line,
+    # before writing anything; everything below (pipeline, report, bundles) runs without it
+    nopacs = work / "nopacs"
+    nopacs.mkdir()
+    r = subprocess.run([str(bin_dir / "medssl"), "index", "--dimse", "127.0.0.1:9", "--out", "m.csv"], cwd=nopacs,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stderr) == (1, "medssl index: error: DIMSE (C-FIND/C-GET) needs the PACS extra: pip "
+                                           "install 'medssl-monai[pacs]' (pynetdicom is not installed)\n"), r.stderr
+    assert not list(nopacs.iterdir())
+    # build_finetune (the Python API) reads the shipped train.json from the installed package: one epoch
+    script = work / "build_finetune.py"
+    script.write_text(_BUILD_FINETUNE)
+    lines = _run([py, str(script)], work).stdout.strip().splitlines()
+    assert site in Path(lines[-2]).parents and Path(lines[-2]).name == "finetune_classification", lines
+    assert lines[-1] == "1 ['accuracy', 'auc_0', 'auc_1', 'auc_macro', 'balanced_accuracy']", lines
     # generated sample data -> medssl pipeline (tiny: 1 epoch each, 32 px) -> report
     _run([py, "-m", "medssl_monai.sample_data", "data", "--patients", "12"], work)
     cfg = {
@@ -104,7 +140,7 @@ def test_installed_wheel_runs_pipeline_and_exported_bundle(installed) -> None:
         "data": {"dicom_root": "@data/dicom", "labels": "@data/labels.csv",
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "label_fractions": [1.0]},
         "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
-        "phases": {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
+        "phases": {"phase1": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
                    "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"}},
     }
     (work / "tiny.json").write_text(json.dumps(cfg))

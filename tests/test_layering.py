@@ -11,9 +11,10 @@ NAME = PACKAGE.name
 
 #: top-level subpackage/module -> layer; a module may import its own layer and lower ones only
 LAYERS = {
-    **dict.fromkeys(("data", "transforms", "networks", "losses", "optim", "metrics", "similarity"), 0),
-    **dict.fromkeys(("engines", "handlers"), 1),
-    "bundle": 2,
+    **dict.fromkeys(("utils", "data", "transforms", "networks", "losses", "optim", "metrics", "similarity",
+                    "selection"), 0),
+    **dict.fromkeys(("engines", "handlers", "pacs"), 1),
+    **dict.fromkeys(("bundle", "ingest"), 2),
     "experiments": 3,
     "reporting": 4,
     **dict.fromkeys(("cli", "demo", "sample_data", "__init__"), 5),

@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--ham-quality", type=int, default=80)
     ap.add_argument("--natural-size", type=int, default=128)
     ap.add_argument("--natural-quality", type=int, default=85)
+    ap.add_argument("--no-blind", action="store_true",
+                    help="leave out the blind test set (blind/ham10000_test: predicted by every fine-tuned model)")
     ap.add_argument("--natural-val-per-class", type=int, default=0,
                     help="also pack this many imagenette val images per class (phase 1's k-NN, supervised arm)")
     a = ap.parse_args()
@@ -55,6 +57,15 @@ def main() -> None:
                 if not out.is_file():
                     _save(src, out, (a.natural_size, a.natural_size), a.natural_quality)
                 n += 1
+    blind = a.shared / "blind" / "ham10000_test"
+    if not a.no_blind and (blind / "images.csv").is_file():  # same JPEG re-encoding as HAM10000's own images
+        images = pd.read_csv(blind / "images.csv", dtype=str)
+        for p in images["path"]:
+            out = a.out / "blind" / "ham10000_test" / p
+            if not out.is_file():
+                _save(blind / p, out, None, a.ham_quality)
+        images.to_csv(a.out / "blind" / "ham10000_test" / "images.csv", index=False)
+        print(f"{len(images)} blind test images (predicted only, never trained or chosen on)")
     size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / 2**20
     print(f"{len(meta)} HAM10000 images, {n} imagenette images -> {a.out} ({size:.1f} MiB)")
 

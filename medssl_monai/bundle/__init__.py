@@ -1,10 +1,10 @@
 """Factories and run-time helpers referenced by the bundles' configs (shared by all three bundles)."""
 
 from .data import (
-    classification_dataset,
+    batch_loader,
+    batch_sampler,
     contrastive_dataset,
     eval_dataset,
-    fit_classes,
     imagefolder_manifest,
     inference_items,
     knn_monitor,
@@ -40,7 +40,6 @@ from .network import classifier_def
 from .overrides import check_cli_overrides
 from .run import (
     bundle_classes,
-    evaluate_classifier,
     save_classifier_outputs,
     save_pretraining_outputs,
     setup_run,
@@ -53,18 +52,17 @@ __all__ = [
     "ARCHITECTURE_DEFAULTS",
     "ARCHITECTURE_FILE",
     "architecture_record",
+    "batch_loader",
+    "batch_sampler",
     "build_finetune",
     "bundle_classes",
     "check_cli_overrides",
-    "classification_dataset",
     "classification_items",
     "classifier_def",
     "contrastive_dataset",
     "eval_dataset",
-    "evaluate_classifier",
     "finalize_distributed",
     "finetune_bundle_dir",
-    "fit_classes",
     "flip_prob",
     "imagefolder_manifest",
     "inference_items",

@@ -21,24 +21,28 @@ from monai.data.utils import worker_init_fn
 from monai.transforms import Compose, CopyItemsd, DeleteItemsd, Resized, ToTensord
 
 from ..data import (
-    CACHE_MODES,
-    CachedPairLoader,
+    CachedPairDataset,
     ContrastivePairDataset,
     ImageCache,
+    ImageCacheSpec,
     LoadManifestImaged,
     MultiInstanceIndex,
-    build_image_cache,
+    PairBatchSampler,
+    cached_pair_loader,
     read_manifest,
 )
 from ..data.bad_images import BadImageLog, SkipUnreadable, SkipUnreadableDataset, collate_readable
-from ..transforms import ContrastiveViewsd, EnsureFloatImaged
+from ..data.epoch_batches import EpochBatchSampler, SeededItems
+from ..transforms import ContrastiveViewsd, EnsureFloatImaged, views_location
+from ..utils.deprecation import renamed_arg
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "classification_dataset",
+    "batch_loader",
+    "batch_sampler",
+    "check_manifest_splits",
     "contrastive_dataset",
     "eval_dataset",
-    "fit_classes",
     "imagefolder_manifest",
     "inference_items",
     "knn_monitor",
@@ -100,6 +104,8 @@ def load_rows(
             if unassigned:  # rows added by a re-index after the split: silently dropping or using them both hurt
                 raise ValueError(f"{manifest}: {unassigned} row(s) have no {split_col!r} (added since the "
                                  "manifest was split): run 'medssl split' on it again")
+        if split is not None:
+            check_manifest_splits(df, manifest, split_col)
             wanted = [split] if isinstance(split, str) else list(split)
             df = df[df[split_col].isin(wanted)]
     elif dataset_dir:
@@ -117,32 +123,52 @@ def load_rows(
     return df.reset_index(drop=True)
 
 
-def _image_cache(rows: pd.DataFrame, cache: str, source_size: int | Sequence[int] | None, image_size: int,
-                 channels: int, cache_dir: str | os.PathLike | None, budget_gib: float | None,
-                 device: str | torch.device | None = None, num_workers: int = 0, phase: str = "train") -> ImageCache:
+def check_manifest_splits(df: pd.DataFrame, manifest: str | os.PathLike, split_col: str = "split") -> None:
+    """Refuse (one line, counts only) a manifest whose rows repeat an image or whose patients cross splits.
+
+    The whole manifest is checked, not only the splits a phase reads: an evaluation of ``test`` is only
+    honest when no ``test`` patient (or image) was in ``train``. Raises ``DuplicateInstanceError`` /
+    ``LeakageError`` (both ``ValueError``).
+    """
+    from ..data.duplicates import check_unique_instances
+    from ..data.splits import LeakageError
+
+    check_unique_instances(df, str(manifest))
+    if split_col in df.columns and "patient_id" in df.columns:
+        splits = df.dropna(subset=[split_col]).groupby("patient_id")[split_col].nunique()
+        crossing = splits[splits > 1]
+        if len(crossing):
+            pairs = df[df["patient_id"].isin(crossing.index)].groupby("patient_id")[split_col].agg(
+                lambda v: "+".join(sorted(set(map(str, v)))))
+            by_pair = ", ".join(f"{k}: {n}" for k, n in sorted(pairs.value_counts().items()))
+            raise LeakageError(f"{manifest}: {len(crossing)} patient(s) appear in more than one split ({by_pair}): "
+                               "a model would be evaluated on patients it trained on; re-split the manifest "
+                               "('medssl split') instead of editing it")
+
+
+def _image_cache(rows: pd.DataFrame, spec: ImageCacheSpec, device: str | torch.device | None = None,
+                 num_workers: int = 0, phase: str = "train") -> ImageCache:
     """The decoded-image cache of ``rows`` (see :mod:`medssl_monai.data.cache`). Rows that could not be
     decoded are left out and recorded like any unreadable image (``bad_images.csv`` under ``phase``), so they
     count towards ``max_bad_images`` as they do without the cache."""
-    images = build_image_cache(rows, source_size, channels, mode=cache, cache_dir=cache_dir, device=device,
-                               budget_gib=budget_gib, num_workers=num_workers, image_size=image_size)
+    images = spec.build(rows, device=device, num_workers=num_workers)
     if images.failures:
         logger.warning("image cache: %d of %d images could not be decoded and are left out", len(images.failures),
                        len(rows))
         log = BadImageLog(phase, len(rows))
         for failure in images.failures:
             log.record(str(failure["key"]), str(failure["reason"]))
-    logger.info("image cache (%s): %d images at %s, %.1f MiB, %d decoded now", cache, len(images.images),
+    logger.info("image cache (%s): %d images at %s, %.1f MiB, %d decoded now", spec.mode, len(images.images),
                 images.source_size, images.nbytes() / 2**20, images.decoded)
     return images
 
 
-def cached_items(items: list[dict[str, Any]], rows: pd.DataFrame, cache: str,
-                  source_size: int | Sequence[int] | None, image_size: int, channels: int,
-                  cache_dir: str | os.PathLike | None, budget_gib: float | None,
-                  phase: str = "train") -> list[dict[str, Any]]:
-    """``items`` with ``image`` replaced by the row's cached uint8 ``(C, H, W)`` (host RAM: per-item
-    transforms run on the CPU), rows that could not be decoded dropped (and recorded under ``phase``)."""
-    images = _image_cache(rows, "host", source_size, image_size, channels, cache_dir, budget_gib, phase=phase)
+def cached_items(items: list[dict[str, Any]], rows: pd.DataFrame, image_cache: ImageCacheSpec,
+                 phase: str = "train") -> list[dict[str, Any]]:
+    """``items`` with ``image`` replaced by the row's cached uint8 ``(C, H, W)``, rows that could not be
+    decoded dropped (and recorded under ``phase``). The images stay in host RAM whatever ``mode`` (no device
+    is given): per-item transforms run on the CPU."""
+    images = _image_cache(rows, image_cache, phase=phase)
     out = []
     for item, slot in zip(items, images.slots):
         if slot >= 0:
@@ -156,72 +182,107 @@ def contrastive_dataset(
     groups: str = "all",
     level: str = "patient",
     preset: str = "natural",
-    image_size: int = 64,
-    channels: int = 3,
     preset_overrides: dict[str, Any] | None = None,
     seed: int = 0,
-    views_on: str = "cpu",
-    source_size: int | Sequence[int] | None = None,
-    cache: str = "none",
-    cache_dir: str | os.PathLike | None = None,
-    cache_budget_gib: float | None = None,
-    batch_size: int | None = None,
+    views_on: str = "host",
+    image_cache: ImageCacheSpec | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
-) -> SkipUnreadableDataset | CachedPairLoader:
-    """Pairs (MICLe) or single images (SimCLR) -> two augmented views of ``image_size``.
+) -> SkipUnreadableDataset | CachedPairDataset:
+    """The pretraining dataset: pairs (MICLe) or single images (SimCLR), two views each.
 
-    A pair with an unreadable image is replaced by the next readable item and recorded in the run's
-    errors file (``bad_images``); ``set_random_state`` and the pair dataset's attributes pass through.
+    ``image_cache`` (default: no cache, 64 px, 3 channels) gives ``image_size``, the channels and the cache.
+    Without the cache: a per-item dataset (load with :func:`batch_sampler` + :func:`batch_loader`); a pair
+    with an unreadable image is replaced by the next readable item and recorded in the run's errors file
+    (``bad_images``). ``views_on="host"`` (``"cpu"``: its former name): the items are the two augmented views; ``"device"``: the two source
+    images resized to ``image_cache.source_shape()``, not augmented (``BatchViews`` makes the views on the
+    accelerator, ``batch_views_for``, where per-item CPU work would starve it).
 
-    ``views_on="device"``: the items are the two source images resized to ``source_size`` (``(H, W)`` or
-    a side; default twice ``image_size``), not augmented; ``BatchViews`` makes the views on the
-    accelerator (``batch_views_for``), where per-item CPU work would starve it.
-
-    ``cache="host"`` / ``"device"`` (needs ``views_on="device"``): every image decoded once into the
-    decoded-image cache (``cache_dir`` on disk, shared by runs), and the result is a
-    :class:`~medssl_monai.data.CachedPairLoader` of ``batch_size`` pairs, which ``make_loader`` passes
-    through: pairs are drawn per batch from index arrays and gathered from RAM or the device.
+    ``image_cache.mode`` ``host`` / ``device`` (needs ``views_on="device"``): every image decoded once into
+    the decoded-image cache (``num_workers`` decoding processes), and the dataset is a
+    :class:`~medssl_monai.data.CachedPairDataset`: pairs drawn per batch by a
+    :class:`~medssl_monai.data.PairBatchSampler` and gathered from RAM or ``device``.
     """
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-    if cache != "none":
+    spec = image_cache if image_cache is not None else ImageCacheSpec()
+    views_on = views_location(views_on)
+    if spec.enabled:
         if views_on != "device":
-            raise ValueError(f"cache: {cache!r} holds the uint8 sources for views made per batch: set views_on: "
+            raise ValueError(f"cache: {spec.mode!r} holds the uint8 sources for views made per batch: set views_on: "
                              "device (or cache: none for per-item CPU views)")
-        if not batch_size:
-            raise ValueError("cache: host|device needs batch_size (the pairs are drawn per batch)")
-        # built in host RAM; CachedPairLoader moves only this rank's shard to the device
-        images = _image_cache(rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib, None,
-                              num_workers)
+        # built in host RAM; the loader moves only this rank's shard to the device (CachedPairDataset.shard)
+        images = _image_cache(rows, spec, None, num_workers)
         kept = rows[images.kept].reset_index(drop=True)
         images = images.take(np.flatnonzero(images.kept))
-        return CachedPairLoader(images, MultiInstanceIndex(kept, level=level), int(batch_size), pairing=pairing,
-                                groups=groups, seed=seed, mode=cache, device=device)
+        return CachedPairDataset(images, MultiInstanceIndex(kept, level=level), pairing=pairing, groups=groups,
+                                 mode=spec.mode, device=device)
     keys = ("image_1", "image_2")
+    in_channels, image_size = spec.in_channels, spec.image_size
     if views_on == "device":
-        size = (2 * image_size,) * 2 if source_size is None else source_size
-        size = (int(size),) * 2 if isinstance(size, (int, float)) else tuple(int(s) for s in size)
         transform = Compose([
-            LoadManifestImaged(keys=keys, channels=channels),
-            EnsureFloatImaged(keys=keys, num_channels=channels),
-            Resized(keys=keys, spatial_size=size, mode="area"),  # area: alias-free downscale
+            LoadManifestImaged(keys=keys, in_channels=in_channels),
+            EnsureFloatImaged(keys=keys, in_channels=in_channels),
+            Resized(keys=keys, spatial_size=spec.source_shape(), mode="area"),  # area: alias-free downscale
             CopyItemsd(keys=keys, names=["view_1", "view_2"]),
             DeleteItemsd(keys=keys),
             ToTensord(keys=("view_1", "view_2"), track_meta=False),
         ])
-    elif views_on == "cpu":
+    else:
         transform = Compose([
-            LoadManifestImaged(keys=keys, channels=channels),
+            LoadManifestImaged(keys=keys, in_channels=in_channels),
             ContrastiveViewsd(keys=keys, transform=preset, spatial_size=(image_size, image_size),
                               preset_overrides=preset_overrides),
             ToTensord(keys=("view_1", "view_2"), track_meta=False),  # plain tensors: cheaper to collate
         ])
-    else:
-        raise ValueError(f"views_on must be 'cpu' or 'device', got {views_on!r}")
     pairs = ContrastivePairDataset(MultiInstanceIndex(rows, level=level), transform, pairing=pairing, groups=groups,
                                    seed=seed)
     return SkipUnreadableDataset(pairs, BadImageLog("train", len(rows)))
+
+
+def batch_sampler(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+                  seed: int = 0, rank: int = 0, world_size: int = 1,
+                  min_batches: int = 0) -> EpochBatchSampler | PairBatchSampler:
+    """The training batch sampler of ``dataset``: batches drawn from ``(seed, epoch)`` only, so a resumed run
+    repeats the uninterrupted one; ``rank``/``world_size`` (a distributed config's override) shard them.
+
+    A :class:`~medssl_monai.data.CachedPairDataset` gets a :class:`~medssl_monai.data.PairBatchSampler` (pairs
+    drawn a batch at a time, the last partial batch dropped); any other dataset an
+    :class:`~medssl_monai.data.epoch_batches.EpochBatchSampler` of ``(index, item seed)``. Refuses sizes that
+    would give no usable batch. ``min_batches``: an epoch of at least that many batches (whole passes; see
+    :class:`~medssl_monai.data.epoch_batches.EpochBatchSampler`), for per-item datasets.
+    """
+    if isinstance(dataset, CachedPairDataset):
+        if min_batches:
+            raise ValueError("min_batches applies to per-item datasets, not to cached pairs")
+        if not drop_last:
+            raise ValueError("the cached pairs are drawn in whole batches: set drop_last=True")
+        return PairBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    n = len(dataset) // max(int(world_size), 1)
+    where = "" if int(world_size) <= 1 else f" per rank (of {world_size})"
+    if drop_last and n < batch_size:
+        raise ValueError(f"{n} training item(s){where} is fewer than batch_size={batch_size} with drop_last: no "
+                         "batch to train on; lower batch_size or add data")
+    if not drop_last and n == 1 and batch_size > 1:
+        raise ValueError("1 training item: BatchNorm cannot train on a batch of one; add data")
+    return EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
+                             world_size=world_size, min_batches=min_batches)
+
+
+def batch_loader(dataset: torch.utils.data.Dataset, sampler: EpochBatchSampler | PairBatchSampler,
+                 num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """The ``DataLoader`` of ``sampler``'s batches of ``dataset`` (what :func:`batch_sampler` made for it).
+
+    Per-item datasets: read as ``(index, seed)`` (:class:`~medssl_monai.data.epoch_batches.SeededItems`,
+    random transforms reseeded per item, whatever ``num_workers``), MONAI's ``worker_init_fn``, unreadable
+    items dropped by ``collate_readable``. Cached pairs: gathered a batch at a time in this process
+    (:func:`~medssl_monai.data.cached_pair_loader`; ``num_workers`` does not apply).
+    """
+    if isinstance(sampler, PairBatchSampler):
+        if not isinstance(dataset, CachedPairDataset):
+            raise TypeError(f"a PairBatchSampler draws from a CachedPairDataset, not {type(dataset).__name__}")
+        return cached_pair_loader(dataset, sampler)
+    return torch.utils.data.DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
+                                       worker_init_fn=worker_init_fn, generator=sampler.generator,
+                                       persistent_workers=num_workers > 0, collate_fn=collate_readable)
 
 
 def skip_unreadable(transform: Any, phase: str, total: int) -> SkipUnreadable:
@@ -230,15 +291,18 @@ def skip_unreadable(transform: Any, phase: str, total: int) -> SkipUnreadable:
     return SkipUnreadable(transform, BadImageLog(phase, total))
 
 
-def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
-                 classes: Sequence[str] | None = None, cache: bool = False, image_cache: str = "none",
-                 source_size: int | Sequence[int] | None = None, cache_dir: str | os.PathLike | None = None,
-                 cache_budget_gib: float | None = None, phase: str = "eval") -> Dataset:
+@renamed_arg("channels", "in_channels")
+@renamed_arg("cache", "in_memory")
+def eval_dataset(rows: pd.DataFrame, image_size: int = 64, in_channels: int = 3,
+                 classes: Sequence[str] | None = None, in_memory: bool = False,
+                 image_cache: ImageCacheSpec | None = None, phase: str = "eval", channels: int | None = None,
+                 cache: bool | None = None) -> Dataset:
     """Deterministic resized images (+ integer labels when ``classes`` is given) for features/evaluation.
 
-    ``cache`` decodes and resizes every image once and keeps the tensors (MONAI ``CacheDataset``): for
-    monitors that read the same images every epoch. ``image_cache`` (``host``/``device``) reads the
-    decoded-image cache instead of the files (``source_size`` sources, resized to ``image_size``).
+    ``in_memory`` decodes and resizes every image once and keeps the tensors (MONAI ``CacheDataset``): for
+    monitors that read the same images every epoch. (``channels`` and ``cache`` are the former names of
+    ``in_channels`` and ``in_memory``; "cache" now means only the decoded-image cache.) ``image_cache`` (mode ``host``/``device``) reads the
+    decoded-image cache instead of the files (its ``source_size`` sources, resized to ``image_size``).
     Unreadable images are ``None`` items, recorded under ``phase``; load them with :func:`make_loader`
     (or ``collate_fn=collate_readable``), which drops them.
     """
@@ -250,15 +314,15 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
             label = r.get("label")
             item["label"] = list(classes).index(label) if isinstance(label, str) and label in classes else -1
         items.append(item)
-    if image_cache != "none":
-        items = cached_items(items, rows, image_cache, source_size, image_size, channels, cache_dir,
-                             cache_budget_gib, phase=phase)
+    cached = image_cache is not None and image_cache.enabled
+    if cached:
+        items = cached_items(items, rows, image_cache, phase=phase)
     transform = skip_unreadable(Compose([
-        *([] if image_cache != "none" else [LoadManifestImaged(keys="image", channels=channels)]),
-        EnsureFloatImaged(keys="image", num_channels=channels),
+        *([] if cached else [LoadManifestImaged(keys="image", in_channels=in_channels)]),
+        EnsureFloatImaged(keys="image", in_channels=in_channels),
         Resized(keys="image", spatial_size=(image_size, image_size), mode="area"),  # area: alias-free downscale
     ]), phase, len(items))
-    if cache:
+    if in_memory:
         from monai.data import CacheDataset
 
         return CacheDataset(items, transform, progress=False, num_workers=0)
@@ -267,19 +331,29 @@ def eval_dataset(rows: pd.DataFrame, image_size: int = 64, channels: int = 3,
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True,
                 drop_last: bool = False, distributed: bool = False,
-                even_divisible: bool = True) -> torch.utils.data.DataLoader:
+                even_divisible: bool = True, seed: int | None = None,
+                min_batches: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader; under ``torch.distributed`` (``ignite.distributed``) each rank gets its own shard.
+
+    ``seed`` (training): batches drawn from ``(seed, epoch)`` with a seed per item
+    (:class:`~medssl_monai.data.epoch_batches.EpochBatchSampler`; ``ReseedEachEpoch(loader=...)`` sets the
+    epoch), so a resumed run repeats the uninterrupted one exactly, whatever ``num_workers``; without
+    ``drop_last`` a final batch of one item is merged into the one before (BatchNorm cannot train on one).
 
     ``batch_size`` is per process. MONAI's ``worker_init_fn`` seeds every worker's transforms differently.
     ``collate_readable`` drops the ``None`` items of unreadable images (a batch of only those is ``None``).
     ``even_divisible=False`` (evaluation): shards of unequal size that together hold every item exactly once
     (MONAI's ``DistributedSampler``), so gathered metrics and confusion-matrix counts are not padded with
     repeated items; training keeps equal shards (DDP needs the same number of steps on every rank).
+    ``min_batches`` (with ``seed``): an epoch of at least that many batches, whole passes over the items (a
+    tiny label budget otherwise takes one optimizer step per epoch).
     """
     import ignite.distributed as idist
 
-    if getattr(dataset, "yields_batches", False):  # e.g. CachedPairLoader: already batches, sharded per rank
-        return dataset
+    if min_batches and (seed is None or (distributed and idist.get_world_size() > 1)):
+        raise ValueError("min_batches needs the seeded single-process loader (seed=...): its epoch sampler "
+                         "makes the extra passes")
+
     if distributed and idist.get_world_size() > 1 and not even_divisible:
         from monai.data import DistributedSampler
 
@@ -287,71 +361,19 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers:
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                            drop_last=drop_last, worker_init_fn=worker_init_fn,
                                            persistent_workers=num_workers > 0, collate_fn=collate_readable)
+    if seed is not None and not (distributed and idist.get_world_size() > 1):
+        return batch_loader(dataset, batch_sampler(dataset, batch_size, shuffle, drop_last, int(seed),
+                                                   min_batches=min_batches), num_workers)
     if distributed and idist.get_world_size() > 1:
         return idist.auto_dataloader(dataset, batch_size=batch_size * idist.get_world_size(), shuffle=shuffle,
                                      num_workers=num_workers, drop_last=drop_last, worker_init_fn=worker_init_fn,
                                      collate_fn=collate_readable)
+    # not shuffled: a private generator, so that starting its (persistent) workers never draws from torch's
+    # global generator: a resumed run starts them one epoch later than the uninterrupted run did
+    generator = None if shuffle else torch.Generator().manual_seed(0)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                       drop_last=drop_last, worker_init_fn=worker_init_fn,
+                                       drop_last=drop_last, worker_init_fn=worker_init_fn, generator=generator,
                                        persistent_workers=num_workers > 0, collate_fn=collate_readable)
-
-
-def classification_dataset(rows: pd.DataFrame, classes: Sequence[str], image_size: int = 64, channels: int = 3,
-                           augment: bool = False, multi_label: bool = False, preset: str | None = None,
-                           cache: str = "none", source_size: int | Sequence[int] | None = None,
-                           cache_dir: str | os.PathLike | None = None, cache_budget_gib: float | None = None
-                           ) -> Dataset:
-    """Labelled images for fine-tuning/evaluation: ``{"image", "label", "sop_uid", "patient_id"}``.
-
-    An unreadable image is recorded in the run's errors file (phase ``train`` with ``augment``, else
-    ``eval``) and skipped: replaced by the next readable item in training, dropped (``None``) otherwise.
-
-    ``augment`` adds the light augmentation fine-tuning uses (random resized crop of 50-100% area and
-    flips); without it images are resized whole, as at inference. ``preset`` (a view preset name, e.g. the
-    one the backbone was pretrained with) sets the flips: its ``hflip_prob``/``vflip_prob`` (``chest_xray``:
-    no flips, laterality is a cue; ``dermatology``: both); without one, horizontal flips with p = 0.5.
-    ``cache`` (``host``/``device``): the images come from the decoded-image cache (``source_size``) instead
-    of the files; the augmentation stays per item on the CPU, only the decoding is gone.
-    """
-    from ..data.labels import LabelEncoder
-    from ..transforms import RandomResizedCropd
-
-    encoder = LabelEncoder(list(classes), multi_label=multi_label)
-    items = [{"image": r, "label": encoder.encode(r["label"]), "sop_uid": str(r.get("sop_uid") or r["path"]),
-              "patient_id": str(r.get("patient_id"))} for r in rows.to_dict("records")]
-    load = [LoadManifestImaged(keys="image", channels=channels), EnsureFloatImaged(keys="image", num_channels=channels)]
-    if cache != "none":
-        items = cached_items(items, rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib)
-        load = load[1:]
-    if augment:
-        from monai.transforms import RandFlipd
-
-        hflip, vflip = 0.5, 0.0
-        if preset:
-            from ..transforms import preset_parameters
-
-            params = preset_parameters(str(preset))
-            hflip, vflip = float(params.get("hflip_prob", 0.0)), float(params.get("vflip_prob", 0.0))
-        spatial = [RandomResizedCropd(keys="image", spatial_size=(image_size, image_size), scale=(0.5, 1.0))]
-        spatial += [RandFlipd(keys="image", prob=p, spatial_axis=axis) for p, axis in ((hflip, 1), (vflip, 0)) if p > 0]
-    else:
-        spatial = [Resized(keys="image", spatial_size=(image_size, image_size), mode="area")]
-    transform = Compose([*load, *spatial, ToTensord(keys="image", track_meta=False)])
-    if augment:
-        return SkipUnreadableDataset(Dataset(items, transform), BadImageLog("train", len(items)))
-    return Dataset(items, skip_unreadable(transform, "eval", len(items)))
-
-
-def fit_classes(rows: pd.DataFrame, class_names: Sequence[str] | None = None, multi_label: bool = False) -> list[str]:
-    """The class list: ``class_names`` when given (their order is the logits' order), else sorted labels."""
-    if class_names:
-        return [str(c) for c in class_names]
-    from ..data.labels import LabelEncoder
-
-    labels = rows["label"].dropna() if "label" in rows.columns else []
-    if len(labels) == 0:
-        raise ValueError("no labels in the manifest: set class_names or use a labelled manifest")
-    return LabelEncoder(multi_label=multi_label).fit(labels).classes
 
 
 class _NoHandler:
@@ -363,11 +385,10 @@ class _NoHandler:
 
 def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = None,
                 dataset_dir: str | os.PathLike | None = None, train_split: str = "train", val_split: str = "val",
-                interval: int = 1, k: int = 20, image_size: int = 64, channels: int = 3, batch_size: int = 64,
-                num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu",
-                cache: str = "none", source_size: int | Sequence[int] | None = None,
-                cache_dir: str | os.PathLike | None = None, cache_budget_gib: float | None = None) -> Any:
-    """A k-NN monitor on the labelled train/val images of the bundle's data, or a no-op when it cannot run
+                interval: int = 1, k: int = 20, image_cache: ImageCacheSpec | None = None, batch_size: int = 64,
+                num_workers: int = 0, max_images: int = 1000, device: str | torch.device = "cpu") -> Any:
+    """A k-NN monitor on the labelled train/val images of the bundle's data (their ``image_size`` and channels,
+    read through the decoded-image cache when ``image_cache`` has one), or a no-op when it cannot run
     (``interval <= 0``, no labels, or no validation split) or need not (ranks other than 0 under DDP: the
     monitor reads the plain backbone, no collective, and only rank 0 logs it). Its value lands in the trainer's
     ``engine.state.metrics["knn_top1"]``: list it before the Stats/TensorBoard handlers that log it."""
@@ -391,11 +412,11 @@ def knn_monitor(network: torch.nn.Module, manifest: str | os.PathLike | None = N
     train = train.sample(n=min(max_images, len(train)), random_state=0)
     val = val.sample(n=min(max_images, len(val)), random_state=0)
     classes = sorted(set(train["label"]) | set(val["label"]))
-    # cached: the monitor reads the same images every epoch (at most 2 x max_images x C x size^2 floats)
-    loaders = [make_loader(eval_dataset(df, image_size, channels, classes, cache=True, image_cache=cache,
-                                        source_size=source_size, cache_dir=cache_dir,
-                                        cache_budget_gib=cache_budget_gib, phase="knn"), batch_size, num_workers,
-                           shuffle=False) for df in (train, val)]
+    spec = image_cache if image_cache is not None else ImageCacheSpec()
+    # in memory: the monitor reads the same images every epoch (at most 2 x max_images x C x size^2 floats)
+    loaders = [make_loader(eval_dataset(df, spec.image_size, spec.in_channels, classes, in_memory=True,
+                                        image_cache=spec, phase="knn"), batch_size, num_workers, shuffle=False)
+               for df in (train, val)]
     return KNNMonitor(network, loaders[0], loaders[1], interval=interval, k=k, device=device,
                       num_classes=len(classes))
 

@@ -24,7 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..data.cache import ImageCacheSpec
 from ..data.labels import LabelEncoder
+from .locate import bundle_path
 
 __all__ = [
     "ARCHITECTURE_DEFAULTS",
@@ -64,29 +66,27 @@ def without_architecture(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def finetune_bundle_dir() -> Path:
-    """The shipped ``finetune_classification`` bundle."""
-    return Path(__file__).resolve().parents[2] / "bundles" / "finetune_classification"
+    """The shipped ``finetune_classification`` bundle (package data: a checkout and an installed wheel alike)."""
+    return bundle_path("finetune_classification")
 
 
-def classification_items(rows: pd.DataFrame, cache: str = "none", source_size: int | Sequence[int] | None = None,
-                         image_size: int = 64, channels: int = 3, cache_dir: str | os.PathLike | None = None,
-                         cache_budget_gib: float | None = None, phase: str = "train") -> list[dict[str, Any]]:
+def classification_items(rows: pd.DataFrame, image_cache: ImageCacheSpec | None = None,
+                         phase: str = "train") -> list[dict[str, Any]]:
     """``{"image": row, "label": <label string>, "sop_uid", "patient_id"}`` per manifest row.
 
     Labels stay strings (as in MONAI Label's datastore); the transform chain encodes them (``EncodeLabeld``).
     Ids, not paths, are carried: a pseudonymised manifest's ids are safe to write into outputs, its paths not.
-    ``cache`` (``host``/``device``): ``image`` is the row's decoded uint8 image from the decoded-image cache
+    ``image_cache`` with a mode (``host``/``device``): ``image`` is the row's decoded uint8 image from the cache
     (the bundle then disables its loader), rows that could not be decoded are left out and recorded under
     ``phase`` in the run's ``bad_images.csv``.
     """
     items = [{"image": r, "label": r.get("label"), "sop_uid": str(r.get("sop_uid") or r["path"]),
               "patient_id": str(r.get("patient_id"))} for r in rows.to_dict("records")]
-    if cache == "none":
+    if image_cache is None or not image_cache.enabled:
         return items
     from .data import cached_items
 
-    return cached_items(items, rows, cache, source_size, image_size, channels, cache_dir, cache_budget_gib,
-                        phase=phase)
+    return cached_items(items, rows, image_cache, phase=phase)
 
 
 def flip_prob(preset: str | None, flip: str) -> float:

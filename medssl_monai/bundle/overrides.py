@@ -18,9 +18,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.deprecation import current_value
+from ..utils.value_types import ValueType
+
 __all__ = [
     "MONAI_RUN_ARGS",
+    "OVERRIDE_TYPES",
+    "ValueType",
     "check_cli_overrides",
+    "check_override_values",
     "did_you_mean",
     "interpreted_values",
     "load_bundle_config",
@@ -41,6 +47,59 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest known name, or ``""`` when nothing is close."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _num(low: float | None = None, high: float | None = None, *, gt: bool = False, lt: bool = False,
+         null: bool = False, kind: str = "number") -> ValueType:
+    return ValueType(kind, low, high, open_low=gt, open_high=lt, null=null)
+
+
+_BOOL = ValueType("bool")
+_PATH = ValueType("str", null=True)
+#: the bundles' documented scalar keys (their ``train.json``/``inference.json`` top level) and what each may be;
+#: a value MONAI would interpret (``$``, ``@``, ``%``) is code, checked elsewhere, and passes here
+OVERRIDE_TYPES: dict[str, ValueType] = {
+    "lr": _num(0, gt=True), "base_lr": _num(0, gt=True), "weight_decay": _num(0), "momentum": _num(0, 1, lt=True),
+    "backbone_lr_mult": _num(0), "temperature": _num(0, gt=True), "grad_clip": _num(0, gt=True, null=True),
+    "class_weight_beta": _num(0, 1, lt=True), "label_fraction": _num(0, 1, gt=True),
+    "max_bad_images": _num(0, null=True), "cache_budget_gib": _num(0, gt=True, null=True),
+    "max_epochs": _num(1, kind="int"), "warmup_epochs": _num(0, kind="int"), "batch_size": _num(1, kind="int"),
+    "num_workers": _num(0, kind="int"), "seed": _num(0, kind="int"), "val_interval": _num(1, kind="int"),
+    "knn_interval": _num(0, kind="int"), "knn_k": _num(1, kind="int"), "log_interval": _num(1, kind="int"),
+    "in_channels": _num(1, kind="int"), "projection_dim": _num(1, kind="int"),
+    "projection_layers": _num(1, kind="int"), "keep_projection_layers": _num(0, kind="int"),
+    "transfer_k": _num(0, kind="int", null=True), "limit": _num(1, kind="int", null=True),
+    "image_size": ValueType("size", 0, open_low=True), "source_size": ValueType("size", 0, open_low=True, null=True),
+    "amp": ValueType("choice", null=True, choices=(True, False, "none", "fp16", "bf16")),
+    "cache": ValueType("choice", choices=("none", "host", "device")),  # data.cache.CACHE_MODES
+    "views_on": ValueType("choice", choices=("host", "device")),  # transforms.VIEWS_ON; "cpu": former "host"
+    "pairing": ValueType("choice", choices=("simclr", "micle")),
+    "channels_last": _BOOL, "compile": _BOOL, "multi_label": _BOOL, "linear_probe": _BOOL, "patient_aware": _BOOL,
+    "shuffle": _BOOL, "resume": _BOOL, "progress_bar": _BOOL,
+    "backbone": ValueType("str"), "manifest": _PATH, "dataset_dir": _PATH, "pretrained_ckpt": _PATH,
+    "cache_dir": _PATH,
+}
+
+
+def check_override_values(overrides: Mapping[str, Any] | Any, where: str = "") -> list[str]:
+    """``"<where>.<key>: <why>"`` for each override whose value is not what :data:`OVERRIDE_TYPES` says.
+
+    ``--lr nan`` reaches the bundle as the string ``'nan'`` (a ``TypeError`` an epoch in), ``source_size: 0``
+    crashes in numpy: caught here, before anything runs. Ids of sub-keys (``a#b``) and unlisted keys are left to
+    the bundle (their names are checked by :func:`unknown_override`). A former value (``views_on: cpu``,
+    :data:`~medssl_monai.utils.deprecation.FORMER_VALUES`) is checked as its current one, with a warning.
+    """
+    if not isinstance(overrides, Mapping):
+        return []
+    problems = []
+    for key, value in overrides.items():
+        spec = OVERRIDE_TYPES.get(str(key).lstrip("+"))
+        if spec is None or (isinstance(value, str) and value[:1] in _KINDS):
+            continue
+        why = spec.check(current_value(str(key).lstrip("+"), value))
+        if why:
+            problems.append(f"{where}.{key}: {why}" if where else f"{key}: {why}")
+    return problems
 
 
 def _split_id(id: str) -> list[str]:
@@ -155,3 +214,25 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
     if problems:
         raise ValueError("unknown override(s), MONAI would add them as new keys and ignore them: "
                          + "; ".join(problems))
+    values = {**(extra if args_file else {}), **_argv_values(args)}
+    bad = check_override_values({k: v for k, v in values.items() if k not in MONAI_RUN_ARGS})
+    if bad:
+        raise ValueError("override value(s) of the wrong type or range: " + "; ".join(f"--{b}" for b in bad))
+
+
+def _argv_values(args: Sequence[str]) -> dict[str, Any]:
+    """``--id value`` / ``--id=value`` of a ``monai.bundle run`` command line, values read as MONAI's ``fire``
+    reads them (Python literals, else the string); a flag with no value is ``True``."""
+    out: dict[str, Any] = {}
+    for i, t in enumerate(args):
+        if not t.startswith("--") or len(t) <= 2:
+            continue
+        name, eq, text = t[2:].partition("=")
+        if not eq:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or nxt.startswith("--"):
+                out[name.replace("-", "_")] = True
+                continue
+            text = nxt
+        out[name.replace("-", "_")] = _literal(text)
+    return out

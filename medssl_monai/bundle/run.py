@@ -13,13 +13,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data.bad_images import configure_bad_images
-from ..data.manifest import atomic_write_text
-from ..data.privacy import install_path_redaction, silence_pydicom_logger
+from ..data.privacy import silence_pydicom_logger
+from ..data.run_context import (
+    DEFAULT_MAX_BAD_IMAGES,
+    BadImageSettings,
+    RunContext,
+    current_run,
+    install_path_redaction,
+    start_run,
+)
+from ..utils.atomic import atomic_write_text
 
 __all__ = [
     "bundle_classes",
-    "evaluate_classifier",
     "save_classifier_outputs",
     "save_pretraining_outputs",
     "setup_run",
@@ -33,7 +39,13 @@ logger = logging.getLogger(__name__)
 
 def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log", max_bad_images: float | None = None
               ) -> Path:
-    """Create ``output_dir`` and add a plain log file there (the console handler comes from logging.conf).
+    """Create ``output_dir``, start this run's :class:`~medssl_monai.data.run_context.RunContext` and add a
+    plain log file there (the console handler comes from logging.conf).
+
+    The context holds what the run's logging and data wrappers share (redaction keys, bad-image settings,
+    the log file handler); a second run in the same process starts a fresh one, so nothing of the first
+    (keys, counts, its log file) reaches the second. Called again for the same folder and log, it keeps
+    the run's keys and handler (only the bad-image settings start afresh).
 
     pydicom's logger is detached from these handlers: its warnings quote element values (patient names).
     Log records, warnings and a fatal traceback name the images of a pseudonymised manifest by their
@@ -50,15 +62,22 @@ def setup_run(output_dir: str | os.PathLike, log_name: str = "train.log", max_ba
         log_name = f"{Path(log_name).stem}.rank{rank}{Path(log_name).suffix}"
     log_path = out / log_name
     root = logging.getLogger()
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path.resolve() for h in root.handlers):
-        fh = logging.FileHandler(log_path)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+    settings = BadImageSettings(str(out / "bad_images.csv"),
+                                DEFAULT_MAX_BAD_IMAGES if max_bad_images is None else max_bad_images)
+    run = current_run()
+    handler = next((h for h in root.handlers if isinstance(h, logging.FileHandler)
+                    and Path(h.baseFilename) == log_path.resolve()), None)
+    if handler is None or run.log_handler is not handler:  # a new run (the same one keeps its keys)
+        if handler is None:
+            handler = logging.FileHandler(log_path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
+        run = start_run(RunContext(output_dir=out, log_handler=handler))
+    run.bad_images = settings
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     silence_pydicom_logger()
     install_path_redaction()
-    configure_bad_images(out / "bad_images.csv", max_bad_images)
     # MONAI announces at every import that an optional GPU codec is absent: noise in a CPU run's log
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     if world > 1:
@@ -159,8 +178,18 @@ def save_classifier_outputs(network: nn.Module, classes: list[str], bundle_root:
 
 @torch.no_grad()
 def write_predictions(network: nn.Module, loader: torch.utils.data.DataLoader, classes: list[str],
-                      out_csv: str | os.PathLike, device: torch.device | str = "cpu", multi_label: bool = False) -> Path:
-    """Class probabilities per image: ``sop_uid, patient_id, prob_<class>..., pred`` (CSV, atomic)."""
+                      out_csv: str | os.PathLike, device: torch.device | str = "cpu", multi_label: bool = False,
+                      sources: pd.DataFrame | None = None) -> Path:
+    """Class probabilities per image: ``sop_uid, patient_id, prob_<class>..., pred`` (CSV, atomic; any class
+    name: the columns are written and read by name, never as identifiers).
+
+    With ``sources`` (the manifest rows predicted on, paths resolved), each predicted image's file is
+    fingerprinted into ``<out_csv stem>.sources.csv`` (``data.source_record``): what ``results-to-dicom``
+    checks before it puts a result under that file's identity. Without it an older record is removed, so a
+    record always describes the predictions beside it.
+    """
+    from ..data.source_record import source_record_path, write_source_record
+
     network = network.to(device).eval()
     rows = []
     for batch in loader:
@@ -175,31 +204,16 @@ def write_predictions(network: nn.Module, loader: torch.utils.data.DataLoader, c
                 else classes[int(max(range(len(p)), key=p.__getitem__))]
             rows.append(row)
     out = Path(out_csv)
-    atomic_write_text(out, pd.DataFrame(rows).to_csv(index=False, float_format="%.6f"))
+    columns = ["sop_uid", "patient_id", *(f"prob_{c}" for c in classes), "pred"]
+    atomic_write_text(out, pd.DataFrame(rows, columns=columns).to_csv(index=False, float_format="%.6f"))
     logger.info("wrote class probabilities of %d images to %s", len(rows), out)
+    if sources is not None:
+        files = {str(r.get("sop_uid") or r["path"]): str(r["path"]) for r in sources.to_dict("records")}
+        record = write_source_record(out, files, [r["sop_uid"] for r in rows])
+        logger.info("recorded the fingerprints of %d source files in %s", len(rows), record)
+    else:
+        source_record_path(out).unlink(missing_ok=True)
     return out
-
-
-def evaluate_classifier(network: nn.Module, loader: torch.utils.data.DataLoader, classes: list[str],
-                        output_dir: str | os.PathLike, device: torch.device | str = "cpu",
-                        multi_label: bool = False) -> dict[str, float]:
-    """Run a MONAI ``SupervisedEvaluator`` with the classification metrics; write ``metrics.json`` and the
-    confusion matrix (CSV + PNG) to ``output_dir``."""
-    from monai.engines import SupervisedEvaluator
-    from monai.transforms import Activationsd
-
-    from ..handlers.confusion_matrix import ConfusionMatrixWriter
-    from ..metrics.classification import attach_classification_metrics
-
-    out = Path(output_dir)
-    post = Activationsd(keys="pred", sigmoid=multi_label, softmax=not multi_label)
-    evaluator = SupervisedEvaluator(device=torch.device(device), val_data_loader=loader, network=network.to(device),
-                                    postprocessing=post)
-    attach_classification_metrics(evaluator, len(classes), multi_label, class_names=classes)
-    if not multi_label:
-        ConfusionMatrixWriter(out, classes).attach(evaluator)
-    evaluator.run()
-    return write_metrics(evaluator, out)
 
 
 def write_metrics(evaluator: Any, output_dir: str | os.PathLike) -> dict[str, float]:

@@ -1,8 +1,17 @@
 """Data layer: index image exports into manifests, group them, split them, and load their pixels."""
 
-from .batch_pairs import CachedPairLoader, PairIndex
-from .cache import CACHE_MODES, CacheBudgetError, ImageCache, build_image_cache, row_report_key, source_shape
-from .dicom_index import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
+from .batch_pairs import CachedPairDataset, PairBatchSampler, PairIndex, cached_pair_loader
+from .cache import (
+    CACHE_MODES,
+    CacheBudgetError,
+    CacheStoreError,
+    ImageCache,
+    ImageCacheSpec,
+    build_image_cache,
+    row_report_key,
+    source_shape,
+)
+from .dicom import IndexResult, SkipFile, index_tree, read_dicom_header, summarize
 from .grouping import LEVELS, MultiInstanceIndex
 from .labels import EncodeLabeld, LabelEncoder
 from .manifest import MANIFEST_COLUMNS, errors_path, read_manifest, write_manifest
@@ -31,10 +40,12 @@ __all__ = [
     "LEVELS",
     "MANIFEST_COLUMNS",
     "CacheBudgetError",
-    "CachedPairLoader",
+    "CacheStoreError",
+    "CachedPairDataset",
     "ContrastivePairDataset",
     "EncodeLabeld",
     "ImageCache",
+    "ImageCacheSpec",
     "IndexResult",
     "LabelEncoder",
     "LeakageError",
@@ -42,10 +53,12 @@ __all__ = [
     "LoadManifestImaged",
     "MissingCodecError",
     "MultiInstanceIndex",
+    "PairBatchSampler",
     "PairIndex",
     "Pseudonymizer",
     "SkipFile",
     "build_image_cache",
+    "cached_pair_loader",
     "check_no_leakage",
     "errors_path",
     "fraction_column",

@@ -11,7 +11,8 @@ resolved path). Two wrappers turn that error into a skip:
   :func:`collate_readable` drops it, so no image is counted twice.
 
 Each bad image is logged once per run and appended to the run's errors file (``key,phase,reason,run``,
-``<output_dir>/bad_images.csv`` once :func:`configure_bad_images` has run); past ``max_bad_images`` the run
+``<output_dir>/bad_images.csv``: the current run's :class:`~.run_context.BadImageSettings`, set by the
+bundles' ``setup_run`` or :func:`configure_bad_images`); past ``max_bad_images`` the run
 stops with :class:`TooManyBadImagesError`. The file is shared by DataLoader workers (separate processes):
 appends and counts happen under an exclusive ``flock``.
 """
@@ -24,7 +25,6 @@ import io
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 from monai.transforms import Transform
 from torch.utils.data import Dataset, default_collate
 
-from .privacy import redact_paths
+from .run_context import DEFAULT_MAX_BAD_IMAGES, BadImageSettings, current_run, redact_paths
 
 __all__ = [
     "BAD_IMAGE_COLUMNS",
@@ -50,11 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: default ``max_bad_images``: 1 % of a dataset's images (at least one)
-DEFAULT_MAX_BAD_IMAGES = 0.01
 BAD_IMAGE_COLUMNS = ["key", "phase", "reason", "run"]
-
-_RUN: dict[str, Any] = {"path": None, "max_bad": DEFAULT_MAX_BAD_IMAGES, "run": f"{os.getpid()}-{time.time_ns()}"}
 
 
 class UnreadableImageError(RuntimeError):
@@ -71,11 +67,10 @@ class TooManyBadImagesError(RuntimeError):
 
 
 def configure_bad_images(path: str | os.PathLike | None, max_bad: float | None = None) -> None:
-    """Set this process's errors file and threshold (called by the bundles' ``setup_run``); a new run id
+    """Set the current run's errors file and threshold (``setup_run`` starts a run with its own); a new run id
     makes the count start afresh, so a run resumed after the files were fixed is not held back by old rows."""
-    _RUN["path"] = None if path is None else str(path)
-    _RUN["max_bad"] = DEFAULT_MAX_BAD_IMAGES if max_bad is None else max_bad
-    _RUN["run"] = f"{os.getpid()}-{time.time_ns()}"
+    current_run().bad_images = BadImageSettings(None if path is None else str(path),
+                                                DEFAULT_MAX_BAD_IMAGES if max_bad is None else max_bad)
 
 
 def max_bad_count(max_bad: float, total: int) -> int:
@@ -108,18 +103,21 @@ class BadImageLog:
     Args:
         phase: written to the errors file's ``phase`` column.
         total: the dataset's size (a fractional ``max_bad`` is relative to it).
-        path: the errors CSV; default: the run's (:func:`configure_bad_images`), ``None`` keeps it in memory.
+        path: the errors CSV; default: the run's, ``None`` there keeps it in memory.
         max_bad: see :func:`max_bad_count`; default: the run's ``max_bad_images``.
+        settings: the run's settings; default: those of the current run
+            (:func:`~.run_context.current_run`) when the log is made.
     """
 
     def __init__(self, phase: str, total: int, path: str | os.PathLike | None = None,
-                 max_bad: float | None = None) -> None:
+                 max_bad: float | None = None, settings: BadImageSettings | None = None) -> None:
+        run = settings if settings is not None else current_run().bad_images
         self.phase = str(phase)
         self.total = int(total)
-        self.path = str(path) if path is not None else _RUN["path"]
-        self.max_bad = _RUN["max_bad"] if max_bad is None else max_bad
+        self.path = str(path) if path is not None else run.path
+        self.max_bad = run.max_bad if max_bad is None else max_bad
         self.limit = max_bad_count(self.max_bad, self.total)
-        self.run = _RUN["run"]
+        self.run = run.run_id
         self._seen: dict[str, str] = {}  # without a file
 
     def record(self, key: str, reason: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = ["CohortFilter", "parse_date_range"]
 
 _DATE = re.compile(r"^\d{8}$")
+_URL_SAFE = re.compile(r"^[A-Za-z0-9*?._~-]+$")  # what a URL query carries without percent-encoding
 
 
 def _date_ok(text: str) -> bool:
@@ -156,9 +157,9 @@ class CohortFilter:
         """Matching keys a PACS can apply itself: (study level, series level).
 
         Lists of values are not sent (DICOM has no list matching for code strings), nor the series
-        description pattern (wildcard support differs between servers: Orthanc's QIDO-RS, for one, matches
-        no wildcard and no value with a space); the server returns more and :meth:`match_series` keeps the
-        cohort, re-checking what a server did filter too.
+        description pattern; the server returns more and :meth:`match_series` keeps the cohort, re-checking
+        what a server did filter too. The former per-study walk and the DIMSE series level use these;
+        :meth:`series_queries` and :meth:`study_queries` send more.
         """
         study = {"StudyDate": self.dicom_date_range} if self.study_date else {}
         series: dict[str, str] = {}
@@ -167,3 +168,56 @@ class CohortFilter:
         if len(self.body_part) == 1:
             series["BodyPartExamined"] = self.body_part[0]
         return study, series
+
+    def series_queries(self, max_queries: int = 16) -> list[dict[str, str]]:
+        """Matching keys for series-level queries (QIDO-RS ``/series``) that together cover the cohort.
+
+        One query per (modality, body part) pair, since QIDO-RS has no list matching for code strings
+        (Orthanc answers ``Modality=CR\\DX`` with nothing); past ``max_queries`` pairs the body part, then the
+        modality, is left to the local check. The study date goes along (QIDO-RS takes study attributes in a
+        series query), and the series description as a wildcard pattern with each space sent as ``?``
+        (Orthanc matches no value with a space; ``?`` matches it and more, and the local check narrows it),
+        when it needs no percent-encoding in a URL: Orthanc 1.10 does not decode query values (``%2A`` is not
+        ``*`` there), so a pattern with other characters is left to the local check.
+        Every query's answer is a superset of its share of the cohort, so :meth:`match_study` and
+        :meth:`match_series` still decide.
+        """
+        base: dict[str, str] = {}
+        if self.study_date:
+            base["StudyDate"] = self.dicom_date_range
+        pattern = (self.series_description or "").replace(" ", "?")
+        if pattern and _URL_SAFE.match(pattern):
+            base["SeriesDescription"] = pattern
+        modalities: tuple[str | None, ...] = self.modality or (None,)
+        parts: tuple[str | None, ...] = self.body_part or (None,)
+        if len(modalities) * len(parts) > max_queries:
+            parts = (None,)
+        if len(modalities) > max_queries:
+            modalities = (None,)
+        queries = []
+        for modality in modalities:
+            for part in parts:
+                q = dict(base)
+                if modality:
+                    q["Modality"] = modality
+                if part:
+                    q["BodyPartExamined"] = part
+                queries.append(q)
+        return queries
+
+    def study_queries(self) -> list[dict[str, str]]:
+        """Matching keys for study-level C-FIND (StudyDate, ModalitiesInStudy), one query per modality.
+
+        ModalitiesInStudy is an optional key: a PACS that does not support it answers every study (a
+        superset), and :meth:`match_modalities_in_study` then keeps a study whose answer lacks it."""
+        date = self.dicom_date_range
+        return [{"StudyDate": date, "ModalitiesInStudy": m} for m in (self.modality or ("",))]
+
+    def match_modalities_in_study(self, modalities: Iterable[str] | str | None) -> bool:
+        """Whether a study (by its ModalitiesInStudy answer) may hold a cohort series; unknown -> True."""
+        if not self.modality:
+            return True
+        if isinstance(modalities, str):
+            modalities = modalities.replace("\\", ",")
+        values = _values(modalities) if modalities else ()
+        return not values or bool(set(values) & set(self.modality))

@@ -7,6 +7,7 @@ holds the raw label strings, as MONAI Label's datastore does).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["EncodeLabeld", "LabelEncoder"]
+from .manifest import read_table_csv
+from .pseudonymize import Pseudonymizer
+
+__all__ = ["LABEL_KEYS", "EncodeLabeld", "LabelEncoder", "apply_labels", "check_label_key", "label_mapping", "read_labels"]
 
 
 def _is_missing(value: Any) -> bool:
@@ -154,3 +158,63 @@ class EncodeLabeld(MapTransform):
             if isinstance(d[key], str) or not self.pass_encoded:
                 d[key] = self.encoder.encode(d[key])
         return d
+
+
+#: what a label may be joined on: the patient, the study (its UID or its AccessionNumber), the series,
+#: the instance; original (un-pseudonymised) values in the labels table
+LABEL_KEYS = ("patient_id", "study_uid", "accession_number", "series_uid", "sop_uid")
+_SHOWN_CONFLICTS = 3
+
+
+def read_labels(path: str | os.PathLike, key: str = "patient_id", column: str = "label") -> pd.DataFrame:
+    """A label table keyed by an original identifier; ``NA``/``None`` keys and labels stay strings."""
+    check_label_key(key)
+    return read_table_csv(path, [key, column], required=[key, column], what="labels table")
+
+
+def check_label_key(key: str) -> str:
+    if key not in LABEL_KEYS:
+        raise ValueError(f"label key must be one of {'/'.join(LABEL_KEYS)}, got {key!r}")
+    return key
+
+
+def _key_hash(key: str, pseudonymizer: Pseudonymizer):
+    return {"patient_id": pseudonymizer.patient, "accession_number": pseudonymizer.accession}.get(key, pseudonymizer.uid)
+
+
+def label_mapping(labels: pd.DataFrame, key: str, column: str, pseudonymizer: Pseudonymizer | None = None,
+                  source: str = "labels table") -> dict[str, str]:
+    """``{key value: label}`` (keys hashed as the manifest's are when ``pseudonymizer`` is given).
+
+    A key given twice with the same label is one label; a key given different labels is refused, naming
+    how many keys conflict and the first few (as pseudonyms in a pseudonymised run): silently keeping the
+    last row would train on a label nobody chose.
+    """
+    check_label_key(key)
+    if key not in labels.columns or column not in labels.columns:
+        raise ValueError(f"{source} needs columns {key!r} and {column!r}; it has {list(labels.columns)}")
+    known = labels[key].notna() & labels[column].notna()
+    keys = labels.loc[known, key].astype(str).str.strip()
+    if pseudonymizer is not None:
+        keys = keys.map(_key_hash(key, pseudonymizer))
+    values = labels.loc[known, column].astype(str).str.strip()
+    table = pd.DataFrame({"key": keys.to_numpy(), "label": values.to_numpy()}).drop_duplicates()
+    table = table[table["key"] != ""]
+    counts = table.groupby("key")["label"].nunique()
+    conflicting = sorted(counts[counts > 1].index)
+    if conflicting:
+        shown = ", ".join(conflicting[:_SHOWN_CONFLICTS]) + (", ..." if len(conflicting) > _SHOWN_CONFLICTS else "")
+        raise ValueError(f"{source}: {len(conflicting)} {key} value(s) have conflicting labels in column "
+                         f"{column!r} ({shown}): give each {key} one label, or join on a finer --label-key")
+    return dict(zip(table["key"], table["label"]))
+
+
+def apply_labels(manifest: pd.DataFrame, labels: pd.DataFrame, key: str, column: str,
+                 pseudonymizer: Pseudonymizer | None = None) -> pd.DataFrame:
+    """Join labels keyed by an original identifier; with pseudonymisation the keys are hashed the same way."""
+    mapping = label_mapping(labels, key, column, pseudonymizer)
+    manifest = manifest.copy()
+    if key not in manifest.columns:
+        raise ValueError(f"the manifest has no {key!r} column to join labels on")
+    manifest["label"] = manifest[key].astype("string").str.strip().map(mapping).astype("string")
+    return manifest

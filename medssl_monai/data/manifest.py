@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .privacy import register_path_keys
+from ..utils.atomic import atomic_write_text
+from .run_context import register_path_keys
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -22,8 +23,6 @@ __all__ = [
     "ID_COLUMNS",
     "MANIFEST_COLUMNS",
     "PATHMAP_PREFIX",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "check_output_file",
     "errors_path",
     "meta_path",
@@ -42,6 +41,7 @@ MANIFEST_COLUMNS: list[str] = [
     "study_uid",
     "series_uid",
     "sop_uid",
+    "accession_number",
     "instance_number",
     "modality",
     "view_position",
@@ -59,7 +59,7 @@ MANIFEST_COLUMNS: list[str] = [
     "file_mtime_ns",
 ]
 #: Identifier columns: always read as strings (a PatientID such as ``007`` must keep its zeros).
-ID_COLUMNS = ["path", "patient_id", "study_uid", "series_uid", "sop_uid", "label"]
+ID_COLUMNS = ["path", "patient_id", "study_uid", "series_uid", "sop_uid", "accession_number", "label"]
 INT_COLUMNS = ["instance_number", "rows", "columns", "frames", "frame_index", "slice_index", "file_size"]
 ERROR_COLUMNS = ["path", "reason", "code", "file_size", "file_mtime_ns"]
 #: In a pseudonymised manifest, ``path`` holds ``pm:<key>``; the real path lives in the private path map.
@@ -85,31 +85,6 @@ def meta_path(manifest: str | os.PathLike) -> Path:
     """``manifest.csv`` -> ``manifest.meta.json`` (how the manifest was made, for incremental re-indexing)."""
     p = Path(manifest)
     return p.with_name(p.stem + ".meta.json")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
-    """Write a file so that a reader sees the old or the new content, never half of it (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        if mode is None:  # mkstemp makes 0600 files; outputs get the usual umask-derived mode
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
@@ -222,7 +197,7 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> pd.Dat
             raise KeyError(f"{pm} lacks entries for some keys of {path}: re-run the index")
     base = path.parent.resolve()
     df["path"] = pd.array([p if os.path.isabs(p) else str(base / p) for p in df["path"]], dtype="string")
-    if keyed.any():  # logs name these images by key (privacy.install_path_redaction)
+    if keyed.any():  # the current run's logs name these images by key (run_context.install_path_redaction)
         register_path_keys(dict(zip(df.loc[keyed, "path"], keys)))
     return df
 

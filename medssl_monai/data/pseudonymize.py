@@ -80,6 +80,10 @@ class Pseudonymizer:
         """A DICOM UID -> a valid UID under the ``2.25`` (UUID-derived) root, as DICOM PS3.15 de-identification does."""
         return "2.25." + str(int.from_bytes(self._digest("uid", value)[:16], "big"))
 
+    def accession(self, value: str) -> str:
+        """An AccessionNumber -> ``A`` + 16 hex digits (it names a study at the RIS: as identifying as a UID)."""
+        return "A" + self._digest("accession", value).hex()[:16]
+
     def path_key(self, value: str) -> str:
         """A file path -> an opaque key (folder names in exports often carry patient ids or names)."""
         return self._digest("path", value).hex()[:24]

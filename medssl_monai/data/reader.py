@@ -24,8 +24,10 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
+from ..utils.deprecation import renamed_arg
 from .bad_images import UnreadableImageError
-from .privacy import image_key, silence_pydicom_logger
+from .privacy import silence_pydicom_logger
+from .run_context import image_key
 
 __all__ = [
     "LoadManifestImage",
@@ -197,19 +199,19 @@ def series_folder_image(folder: str | os.PathLike) -> str:
     return found[len(found) // 2][2]
 
 
-def _to_channels(img: torch.Tensor, channels: int | None, where: str) -> torch.Tensor:
-    if channels is None or img.shape[0] == channels:
+def _to_channels(img: torch.Tensor, in_channels: int | None, where: str) -> torch.Tensor:
+    if in_channels is None or img.shape[0] == in_channels:
         return img
     if img.shape[0] == 4:  # RGBA -> RGB
         img = img[:3]
-    if channels == 3 and img.shape[0] == 1:
+    if in_channels == 3 and img.shape[0] == 1:
         return img.repeat(3, 1, 1)
-    if channels == 1 and img.shape[0] == 3:
+    if in_channels == 1 and img.shape[0] == 3:
         w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype).view(3, 1, 1)
         return (img * w).sum(0, keepdim=True)
-    if img.shape[0] == channels:
+    if img.shape[0] == in_channels:
         return img
-    raise ValueError(f"{where}: cannot convert a {img.shape[0]}-channel image to {channels} channels")
+    raise ValueError(f"{where}: cannot convert a {img.shape[0]}-channel image to {in_channels} channels")
 
 
 class LoadManifestImage(Transform):
@@ -219,13 +221,16 @@ class LoadManifestImage(Transform):
     MONAI Label's DICOMweb datastore passes for an image id.
 
     Args:
-        channels: force 1 (luma) or 3 (grey replicated, alpha dropped) channels; ``None`` keeps the file's.
+        in_channels: force 1 (luma) or 3 (grey replicated, alpha dropped) channels; ``None`` keeps the file's.
         frame: frame of a multi-frame DICOM when the row names none (default 0).
         sitk_fallback: decode through SimpleITK when no pydicom plugin handles the transfer syntax.
+        channels: former name of ``in_channels`` (accepted with a ``FutureWarning``).
     """
 
-    def __init__(self, channels: int | None = None, frame: int | None = None, sitk_fallback: bool = True) -> None:
-        self.channels = channels
+    @renamed_arg("channels", "in_channels")
+    def __init__(self, in_channels: int | None = None, frame: int | None = None, sitk_fallback: bool = True,
+                 channels: int | None = None) -> None:
+        self.in_channels = in_channels
         self.frame = frame
         self.sitk_fallback = sitk_fallback
         self._image_loader = LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True,
@@ -286,7 +291,7 @@ class LoadManifestImage(Transform):
             except Exception as err:
                 raise ValueError(f"{path}: cannot read image ({err})") from err
             img = MetaTensor(img.as_tensor().float(), meta={"filename_or_obj": path})
-        out = _to_channels(img.as_tensor(), self.channels, path)
+        out = _to_channels(img.as_tensor(), self.in_channels, path)
         return MetaTensor(out.contiguous(), meta=img.meta)
 
 
@@ -295,13 +300,15 @@ class LoadManifestImaged(MapTransform):
 
     For MICLe pairs, ``keys=("image_1", "image_2")`` with one row dict under each key. Any failure to load
     raises :class:`~.bad_images.UnreadableImageError` naming the image by its manifest key (never the resolved
-    path of a pseudonymised image), which the ``bad_images`` wrappers turn into a skip.
+    path of a pseudonymised image), which the ``bad_images`` wrappers turn into a skip. ``channels`` is the
+    former name of ``in_channels``.
     """
 
-    def __init__(self, keys: KeysCollection, channels: int | None = None, frame: int | None = None,
-                 sitk_fallback: bool = True, allow_missing_keys: bool = False) -> None:
+    @renamed_arg("channels", "in_channels")
+    def __init__(self, keys: KeysCollection, in_channels: int | None = None, frame: int | None = None,
+                 sitk_fallback: bool = True, allow_missing_keys: bool = False, channels: int | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadManifestImage(channels=channels, frame=frame, sitk_fallback=sitk_fallback)
+        self.loader = LoadManifestImage(in_channels=in_channels, frame=frame, sitk_fallback=sitk_fallback)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -86,7 +86,7 @@ def table_to_manifest(
     Identifiers and labels spelled ``NA``, ``None``, ``null`` stay strings; only an empty cell is missing.
     """
     if isinstance(table, pd.DataFrame):
-        df = table.copy()
+        df = table.reset_index(drop=True)  # a filtered table's index would misalign the columns built below
         base = Path(root) if root is not None else Path.cwd()
         src = "<table>"
     else:

@@ -7,13 +7,26 @@ MONAI would run or resolve is refused unless the file opts in (:func:`check_data
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bundle_config_files", "bundles_dir", "check_data_config", "for_config", "load_config", "resolve_path",
-           "unknown_keys", "unknown_overrides"]
+__all__ = [
+    "bundle_config_files",
+    "bundles_dir",
+    "check_data_config",
+    "check_types",
+    "current_names",
+    "for_config",
+    "load_config",
+    "resolve_path",
+    "unknown_keys",
+    "unknown_overrides",
+    "without_bad_keys",
+    "wrong_values",
+]
 
 
 def load_config(path: str | os.PathLike, required: str = "phases") -> dict[str, Any]:
@@ -48,6 +61,25 @@ def check_data_config(cfg: Mapping[str, Any], source: str, at_paths: bool = True
                             if len(found) > 1 else ""))
 
 
+def current_names(section: Mapping[str, Any] | Any, renamed: Mapping[str, str], where: str,
+                  warn: bool = True) -> tuple[Any, list[str]]:
+    """``section`` with each former key name (``renamed``: old -> new) moved to its current one, logged as
+    a warning; both names given at once is a problem (which one was meant is not ours to guess)."""
+    if not isinstance(section, Mapping):
+        return section, []
+    out, problems = dict(section), []
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            problems.append(f"{where}: {old!r} is the former name of {new!r}; give only {new!r}")
+            continue
+        out[new] = out.pop(old)
+        if warn:
+            logging.getLogger(__name__).warning("%s: %r is now called %r", where, old, new)
+    return out, problems
+
+
 def unknown_keys(section: Mapping[str, Any] | Any, known: Any, where: str, comments: bool = False) -> list[str]:
     """``"<where>: unknown key 'x'; did you mean 'y'?"`` for each key of ``section`` not in ``known``.
 
@@ -59,6 +91,50 @@ def unknown_keys(section: Mapping[str, Any] | Any, known: Any, where: str, comme
         return [f"{where}: expected a mapping, got {section!r}"] if section not in (None, False) else []
     return [f"{where}: unknown key {k!r}{did_you_mean(k, known)}" for k in section
             if k not in known and not (comments and str(k).startswith("_"))]
+
+
+def check_types(section: Mapping[str, Any] | Any, schema: Mapping[str, Any], where: str = "") -> list[str]:
+    """``"<key path>: <why>"`` for each value of ``section`` that is not what ``schema`` says: a
+    :class:`~medssl_monai.bundle.overrides.ValueType` per key, or a nested schema (a dict) for a sub-section.
+
+    Run with the unknown-key check at start-up, so ``"report": "false"`` (a string, which read as true) or
+    ``"fractions": [0]`` stops the run before any phase, not an hour in. Keys absent from the schema are left
+    to :func:`unknown_keys`; a key absent from the section keeps its default.
+    """
+    if not isinstance(section, Mapping):
+        return []
+    problems = []
+    for key, spec in schema.items():
+        if key not in section:
+            continue
+        path = f"{where}.{key}" if where else str(key)
+        value = section[key]
+        if isinstance(spec, Mapping):
+            if value is not None and value is not False and not isinstance(value, Mapping):
+                problems.append(f"{path}: expected a mapping, got {value!r}")
+            else:
+                problems += check_types(value or {}, spec, path)
+        elif not (isinstance(value, str) and value[:1] in "$%"):  # code: refused or opted in elsewhere
+            why = spec.check(value)
+            if why:
+                problems.append(f"{path}{'' if why[:1] in '[.' else ': '}{why}")
+    return problems
+
+
+def without_bad_keys(cfg: Mapping[str, Any], problems: Sequence[str]) -> dict[str, Any]:
+    """``cfg`` without the top-level keys :func:`check_types` found wrong, so the checks that read values
+    (``float(f)`` of each fraction...) report the other problems instead of crashing on these."""
+    import re
+
+    bad = {re.split(r"[.:\[]", p, maxsplit=1)[0] for p in problems}
+    return {k: v for k, v in cfg.items() if k not in bad}
+
+
+def wrong_values(overrides: Mapping[str, Any] | Any, where: str) -> list[str]:
+    """Bundle override values of the wrong type or range (``finetune.lr: expected a number, got 'nan'``)."""
+    from ..bundle.overrides import check_override_values
+
+    return check_override_values(overrides, where)
 
 
 def _files(config_file: Path | Sequence[Path]) -> list[Path]:

@@ -45,7 +45,7 @@ def grid_points(arms: Iterable[str], fractions: Mapping[str, Sequence[float]] | 
 def run_grid(points: Sequence[GridPoint], checkpoints: Mapping[str, str | None], overrides: Mapping[str, Any],
              manifest: Path, bundle_src: Path, run_dir: Path, *, folder: str, tag: str,
              last: Mapping[str, Any] | None = None, done: Mapping[GridPoint, Path] | None = None, parallel: int = 1,
-             force: bool = False, allow_expressions: bool = False) -> list[Path]:
+             force: bool = False, allow_expressions: bool = False, finished_only: bool = False) -> list[Path | None]:
     """Fine-tune every point from its arm's checkpoint (``None``: a random init); returns the bundle roots.
 
     ``folder`` and ``tag`` are patterns over the point's fields, e.g. ``"label_efficiency/{arm}_f{fraction:g}_s
@@ -53,8 +53,12 @@ def run_grid(points: Sequence[GridPoint], checkpoints: Mapping[str, str | None],
     Overrides: ``overrides``, then the point's manifest, checkpoint, fraction and seed, then ``last``.
     ``done`` names points already trained elsewhere (not run again). Runs are independent processes:
     ``parallel`` of them at once keep a GPU busy; the first failure stops the queue and is raised.
+    ``finished_only``: nothing runs; a point's root if its model exists, else ``None``.
     """
     done = dict(done or {})
+    if finished_only:
+        roots = [done.get(p) or run_dir / folder.format(**p._asdict()) / BUNDLE for p in points]
+        return [r if (r / "models" / "model.pt").is_file() else None for r in roots]
 
     def finetune(p: GridPoint) -> Path:
         if p in done:

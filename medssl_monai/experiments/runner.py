@@ -1,8 +1,11 @@
 """Run one bundle config through MONAI's own CLI (``python -m monai.bundle run``) on a copy of the bundle.
 
+The command runs forked from a server that has imported MONAI once (:mod:`.bundle_process`: the same
+module and arguments, without ~8 s of imports per run), or as a subprocess (``MEDSSL_BUNDLE_FORK=0``).
+
 The run folder keeps, per run (``tag``): ``configs/<tag>.json`` (bundle, config files, overrides, command),
 ``logs/<tag>.log`` (everything the run printed) and ``logs/<tag>.json`` (exit status and wall seconds,
-measured here rather than read back from log timestamps).
+measured here rather than read back from log timestamps; the run's CPU seconds and whether it was forked).
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.manifest import atomic_write_text
+from ..utils.atomic import atomic_write_text
+from .bundle_process import run_command
 from .config import bundle_config_files, unknown_overrides
 
 __all__ = ["bundle_minutes", "check_overrides", "run_bundle", "run_seconds"]
@@ -28,7 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def _cli_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+    """A value as MONAI's CLI (``fire``) reads it back: Python literals. JSON's ``true``/``false``/``null``
+    would arrive as the *strings* 'true'/'false'/'null', and the string 'false' is truthy."""
+    if isinstance(v, (bool, list, tuple, dict)) or v is None:
+        return repr(v)
+    return str(v)
 
 
 def check_overrides(bundle_src: Path, config_file: str | Sequence[str], overrides: Mapping[str, Any], tag: str,
@@ -97,12 +104,12 @@ def run_bundle(bundle_src: Path, config_file: str | Sequence[str], root: Path, o
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[{tag}] {bundle_src.name}/{'+'.join(files)} ...", flush=True)
-    with open(logs / f"{tag}.log", "w") as log:
-        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    stats: dict[str, Any] = {}
+    returncode = run_command(cmd, logs / f"{tag}.log", cwd=os.getcwd(), stats=stats)
     seconds = time.time() - t0
-    atomic_write_text(logs / f"{tag}.json", json.dumps({"exit": r.returncode, "seconds": seconds}) + "\n")
-    if r.returncode != 0:
-        raise RuntimeError(f"phase {tag} failed (exit {r.returncode}); see {logs / f'{tag}.log'}"
+    atomic_write_text(logs / f"{tag}.json", json.dumps({"exit": returncode, "seconds": seconds, **stats}) + "\n")
+    if returncode != 0:
+        raise RuntimeError(f"phase {tag} failed (exit {returncode}); see {logs / f'{tag}.log'}"
                            f"{failure_line(logs / f'{tag}.log')}")
     print(f"[{tag}] done in {seconds:.0f} s", flush=True)
     if not done.is_file():  # config files that leave no model behind (evaluation) mark completion here

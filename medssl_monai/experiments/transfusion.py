@@ -26,7 +26,17 @@ import pandas as pd
 import torch
 
 from ..bundle.locate import bundle_path
-from .config import resolve_path, unknown_keys, unknown_overrides
+from ..utils.atomic import atomic_writer
+from ..utils.value_types import ValueType
+from .config import (
+    check_types,
+    current_names,
+    resolve_path,
+    unknown_keys,
+    unknown_overrides,
+    without_bad_keys,
+    wrong_values,
+)
 from .results import read_curve, steps_to_target
 from .runner import run_bundle
 from .study import prepare_experiment, table_keys
@@ -36,21 +46,38 @@ __all__ = ["TransfusionSummary", "plan_runs", "run_transfusion", "validate_trans
 logger = logging.getLogger(__name__)
 
 #: top-level keys of a transfusion config (besides ``_comment``-style keys starting with ``_``)
-TRANSFUSION_KEYS = frozenset({"run_dir", "table", "natural_dir", "natural_size", "common", "pretrain", "finetune",
+#: former top-level names -> current ones (``pretrain`` became ``phase1``, as in the study and the pipeline)
+RENAMED_KEYS = {"pretrain": "phase1"}
+TRANSFUSION_KEYS = frozenset({"run_dir", "table", "natural_dir", "natural_size", "common", "phase1", "finetune",
                               "models", "seeds", "model_seeds", "hybrid", "mean_var", "targets", "similarity",
                               "allow_expressions"})
 _HYBRID_KEYS = frozenset({"model", "ks", "slim", "seeds"})
 _SIMILARITY_KEYS = frozenset({"split", "mode", "max_examples", "max_points"})
+_SEEDS = ValueType("list", item=ValueType("int", 0))
+_STR = ValueType("str")
+#: the documented keys' types and ranges (``check_types``); bundle sections have ``OVERRIDE_TYPES``
+TRANSFUSION_TYPES: dict[str, Any] = {
+    "run_dir": _STR, "natural_dir": _STR, "natural_size": ValueType("int", 1, null=True), "allow_expressions": ValueType("bool"),
+    "models": ValueType("list", item=_STR), "seeds": _SEEDS, "model_seeds": ValueType("mapping", item=_SEEDS),
+    "mean_var": ValueType("list", item=_STR), "targets": ValueType("list", item=ValueType("number", 0, 1, open_low=True)),
+    "hybrid": {"model": _STR, "ks": ValueType("list", item=ValueType("int", 0)), "seeds": _SEEDS},
+    "similarity": {"split": _STR, "mode": _STR, "max_examples": ValueType("int", 1), "max_points": ValueType("int", 1)},
+    "table": {"path": _STR},
+}
 
 
 def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]:
     """Problems with a transfusion config (empty when it can run)."""
     from ..networks import available_backbones
 
-    problems = unknown_keys(cfg, TRANSFUSION_KEYS, "top level", comments=True)
+    cfg, problems = current_names(cfg, RENAMED_KEYS, "top level", warn=False)
+    problems += unknown_keys(cfg, TRANSFUSION_KEYS, "top level", comments=True)
     problems += unknown_keys(cfg.get("table") or {}, table_keys(), "table", comments=True)
     problems += unknown_keys(cfg.get("hybrid") or {}, _HYBRID_KEYS, "hybrid", comments=True)
     problems += unknown_keys(cfg.get("similarity") or {}, _SIMILARITY_KEYS, "similarity", comments=True)
+    typed = check_types(cfg, TRANSFUSION_TYPES)
+    problems += typed
+    cfg = without_bad_keys(cfg, typed)  # the checks below read these values: a wrong type would crash them
     models = list(cfg.get("models") or [])
     if not models:
         problems.append("models: list at least one backbone")
@@ -63,10 +90,11 @@ def validate_transfusion(cfg: Mapping[str, Any], check_data: bool = True) -> lis
     if not cfg.get("targets"):
         problems.append("targets: list at least one validation AUC to measure steps-to-target")
     for section, bundles in (("common", ("simclr_natural", "finetune_classification")),
-                             ("pretrain", ("simclr_natural",)), ("finetune", ("finetune_classification",))):
+                             ("phase1", ("simclr_natural",)), ("finetune", ("finetune_classification",))):
         for bundle in bundles:
             problems += unknown_overrides(cfg.get(section) or {}, bundle_path(bundle) / "configs" / "train.json",
                                           section)
+        problems += wrong_values(cfg.get(section) or {}, section)
         if section == "common":
             continue
         fixed = sorted(set(cfg.get(section) or {}) & _PER_RUN_KEYS)
@@ -144,9 +172,8 @@ def shrink_image_folder(src: Path, dst: Path, size: int) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(p) as im:
             small = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        tmp = out.with_suffix(".tmp.png")
-        small.save(tmp)
-        tmp.replace(out)
+        with atomic_writer(out) as fh:
+            small.save(fh, format="PNG")
     marker.write_text("")
     return dst
 
@@ -154,8 +181,8 @@ def shrink_image_folder(src: Path, dst: Path, size: int) -> Path:
 def random_init_checkpoint(model: str, in_channels: int, seed: int, out: Path,
                            backbone_kwargs: Mapping[str, Any] | None = None) -> Path:
     """A backbone's default random init, drawn with ``seed`` and saved, so it is a "before" checkpoint."""
-    from ..data.manifest import atomic_write_bytes
     from ..networks import get_backbone
+    from ..utils.atomic import atomic_write_bytes
 
     if not out.is_file():
         torch.manual_seed(seed)
@@ -203,6 +230,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     ``summary`` (``medssl transfusion`` passes
     :func:`~medssl_monai.reporting.transfusion_summary.write_transfusion_summary`)."""
     cfg, run, manifest = prepare_experiment(config, "transfusion", "models", validate_transfusion, run_dir)
+    cfg = current_names(cfg, RENAMED_KEYS, "top level")[0]
     base = Path(cfg["_base"])
     code = cfg.get("allow_expressions") is True
     t0 = time.time()
@@ -217,7 +245,7 @@ def run_transfusion(config: str | Path | Mapping[str, Any], run_dir: str | Path 
     for model in cfg["models"]:
         root = run / "pretrain" / model / "simclr_natural"
         run_bundle(bundle_path("simclr_natural"), "train.json", root,
-                   {**common, "backbone": model, "dataset_dir": str(natural), **(cfg.get("pretrain") or {})},
+                   {**common, "backbone": model, "dataset_dir": str(natural), **(cfg.get("phase1") or {})},
                    run, f"pretrain_{model}", root / "models/model.pt", force=force, allow_expressions=code)
         phase1[model] = root / "models" / "model.pt"
 
@@ -283,7 +311,7 @@ def similarity_before_after(results: pd.DataFrame, cfg: Mapping[str, Any], manif
     rows = load_rows(manifest=manifest, split=opts.get("split", "val")).sample(frac=1.0, random_state=0)
     n = int(opts.get("max_examples", 4000))
     loader = torch.utils.data.DataLoader(
-        eval_dataset(rows, int(common.get("image_size", 64)), int(common.get("in_channels", 3)), cache=True),
+        eval_dataset(rows, int(common.get("image_size", 64)), int(common.get("in_channels", 3)), in_memory=True),
         batch_size=100, num_workers=0, collate_fn=collate_readable)
     parts = []
     for r in init_runs.itertuples(index=False):

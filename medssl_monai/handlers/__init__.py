@@ -4,15 +4,9 @@ Values an engine should log go into ``engine.state.metrics`` (e.g. :class:`KNNMo
 ``StatsHandler`` and ``TensorBoardStatsHandler`` pick them up; files and images are written by the handler.
 """
 
-from .checkpoint import (
-    RNGState,
-    TrainingCheckpoint,
-    UnsafeCheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_training_state,
-    save_model_atomic,
-)
+from ..utils.rng import RNGState
+from .checkpoint import TrainingCheckpoint, UnsafeCheckpointError, load_training_state, save_model_atomic
+from .checkpoint_files import latest_checkpoint, list_checkpoints
 from .confusion_matrix import ConfusionMatrixWriter, confusion_matrix_csv, confusion_matrix_png
 from .evaluator_best import EvaluatorBest
 from .knn_monitor import KNNMonitor

@@ -22,19 +22,20 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import random
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
+
+from ..utils.atomic import atomic_writer
+from ..utils.rng import RNGState
+from .checkpoint_files import latest_checkpoint, list_checkpoints
 
 __all__ = [
     "RNGState",
@@ -49,15 +50,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RESERVED = ("trainer", "rng")
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask is process-global and not thread-safe to probe later
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -79,19 +71,6 @@ def _unsafe_message(path: str | Path, err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------- atomic write
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); without it a power cut can forget the new directory entry."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems (e.g. certain network mounts) do not support fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(obj: Any, path: str | Path, verify_weights_only: bool = False) -> Path:
     """``torch.save`` to a hidden temp file beside ``path``, fsync, optionally verify, then ``os.replace``.
 
@@ -99,27 +78,15 @@ def _atomic_save(obj: Any, path: str | Path, verify_weights_only: bool = False) 
     the previous file or the complete new one under ``path``, never a partial one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if verify_weights_only:
-            try:  # mmap: only the pickled structure is read, not the tensor data
-                torch.load(tmp_name, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError as e:
-                raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+
+    def verify(tmp_name: str) -> None:
+        try:  # mmap: only the pickled structure is read, not the tensor data
+            torch.load(tmp_name, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
+
+    with atomic_writer(path, check=verify if verify_weights_only else None) as f:
+        torch.save(obj, f)
     return path
 
 
@@ -145,89 +112,7 @@ def save_model_atomic(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor
     return _atomic_save(plain, path)
 
 
-# ------------------------------------------------------------------------------------------------ RNG state
-class RNGState:
-    """The global torch (CPU and CUDA), numpy and python ``random`` generators as a checkpointable object.
-
-    ``state_dict()`` contains only tensors, ints, floats, None, lists and dicts, so it survives
-    ``torch.load(weights_only=True)``: numpy's state (a tuple with a uint32 array) and python's (a tuple of
-    625 ints) are converted to int64 tensors.
-
-    Note: each process has its own generators and only rank 0 writes checkpoints, so in distributed runs the
-    other ranks resume with rank 0's state (reproducible, but not identical to an uninterrupted run).
-    """
-
-    def __init__(self, include_cuda: bool = True) -> None:
-        self.include_cuda = include_cuda
-
-    def state_dict(self) -> dict[str, Any]:
-        np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-        py_version, py_internal, py_gauss = random.getstate()
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "numpy": {
-                "bit_generator": str(np_name),
-                "key": torch.from_numpy(np.asarray(np_key, dtype=np.int64)),
-                "pos": int(np_pos),
-                "has_gauss": int(np_has_gauss),
-                "cached_gaussian": float(np_gauss),
-            },
-            "python": {
-                "version": int(py_version),
-                "internal": torch.tensor(py_internal, dtype=torch.int64),
-                "gauss_next": None if py_gauss is None else float(py_gauss),
-            },
-        }
-        if self.include_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = list(torch.cuda.get_rng_state_all())
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        torch.set_rng_state(torch.as_tensor(state_dict["torch"], dtype=torch.uint8).cpu())
-        npd = state_dict["numpy"]
-        np.random.set_state((
-            npd["bit_generator"],
-            torch.as_tensor(npd["key"]).numpy().astype(np.uint32),
-            int(npd["pos"]),
-            int(npd["has_gauss"]),
-            float(npd["cached_gaussian"]),
-        ))
-        pyd = state_dict["python"]
-        internal = tuple(int(v) for v in torch.as_tensor(pyd["internal"]).tolist())
-        random.setstate((int(pyd["version"]), internal, pyd["gauss_next"]))
-        cuda = state_dict.get("cuda")
-        if cuda is not None and self.include_cuda:
-            if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-                torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda])
-            else:
-                logger.warning("checkpoint has CUDA RNG states for %d devices but %d are visible; CUDA RNG not "
-                               "restored", len(cuda), torch.cuda.device_count() if torch.cuda.is_available() else 0)
-
-
 # ------------------------------------------------------------------------------------------ files & loading
-def _pattern(file_prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(file_prefix)}_(\d+)\.pt$")
-
-
-def list_checkpoints(save_dir: str | Path, file_prefix: str = "checkpoint") -> list[tuple[int, Path]]:
-    """``(iteration, path)`` of the checkpoints ``{file_prefix}_{iteration}.pt`` in ``save_dir``, oldest first."""
-    folder = Path(save_dir)
-    if not folder.is_dir():
-        return []
-    pattern = _pattern(file_prefix)
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_file() and (m := pattern.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(save_dir: str | Path, file_prefix: str = "checkpoint") -> Path | None:
-    """The checkpoint with the highest iteration in ``save_dir``, or ``None``.
-
-    Temp files of interrupted writes are hidden (``.name.xxx.tmp``) and never match.
-    """
-    found = list_checkpoints(save_dir, file_prefix)
-    return found[-1][1] if found else None
-
-
 def load_training_state(path: str | Path, objects: Mapping[str, Any]) -> dict[str, Any]:
     """Load ``path`` (``weights_only=True``, on CPU) into ``objects`` (name -> object with ``load_state_dict``).
 

@@ -19,8 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import ConfusionMatrix
 
-from ..data.manifest import atomic_write_bytes
 from ..metrics.classification import ignite_pred_label, pred_label_transform
+from ..utils.atomic import atomic_write_bytes
 
 __all__ = ["ConfusionMatrixWriter", "confusion_matrix_csv", "confusion_matrix_png"]
 

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from ..metrics.knn import extract_features, knn_accuracy
-from .checkpoint import RNGState
+from ..utils.rng import RNGState
 
 __all__ = ["KNNMonitor"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
-from ..data.manifest import atomic_write_text
+from ..utils.atomic import atomic_write_text
 
 __all__ = ["MetricsCSV", "read_metrics_csv"]
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..data.manifest import atomic_write_text, read_manifest
+from ..data.manifest import read_manifest
 from ..experiments.label_efficiency import summarize
 from ..experiments.pipeline import PipelineRun, run_pipeline
 from ..experiments.runner import run_seconds
+from ..utils.atomic import atomic_write_text
 from .dicom_sr import run_results_to_pacs
 from .markdown import label_efficiency_table, md_table
 from .plots import plot_curves, plot_embeddings, plot_label_efficiency
@@ -87,7 +88,7 @@ def build_report(run_dir: Path, roots: Mapping[str, Path], manifest_path: Path, 
         secs = run_seconds(run_dir, name)
         lines.append(f"| {name} | {root.name} | {secs:.0f} |" if secs is not None else f"| {name} | {root.name} | |")
     lines += ["", "## Training curves", ""]
-    for name in ("simclr", "micle", "finetune"):
+    for name in ("phase1", "micle", "finetune"):
         tb = roots[name] / "output" / "tensorboard" if name in roots else None
         if tb is not None and tb.is_dir():
             tags = plot_curves(tb, out / f"curves_{name}.png", f"{name} ({roots[name].name})")
@@ -110,7 +111,8 @@ def build_report(run_dir: Path, roots: Mapping[str, Path], manifest_path: Path, 
                   "coloured by class.", "", "![embeddings](embeddings_pca.png)", ""]
     if "predict" in roots:
         pred = pd.read_csv(roots["predict"] / "output" / "predictions.csv",
-                           dtype={"sop_uid": "string", "patient_id": "string", "pred": "string"})
+                           dtype={"sop_uid": "string", "patient_id": "string", "pred": "string"},
+                           keep_default_na=False, na_values=[""])  # a class may be called "NA" or "None"
         table = subgroup_table(pred, manifest)
         table.to_csv(out / "subgroups.csv", index=False)
         lines += ["## Subgroups", "", "Predictions of the fine-tuned classifier on the images the `predict` phase "

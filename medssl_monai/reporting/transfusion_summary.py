@@ -11,9 +11,9 @@ from typing import Any
 
 import pandas as pd
 
-from ..data.manifest import atomic_write_text
 from ..experiments.runner import bundle_minutes
 from ..experiments.transfusion import run_transfusion
+from ..utils.atomic import atomic_write_text
 from .plots import pyplot
 
 __all__ = ["run_transfusion_and_summarize", "write_transfusion_summary"]

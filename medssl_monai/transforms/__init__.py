@@ -17,7 +17,7 @@ from medssl_monai.transforms.array import (
     RandGrayscale,
     RandomResizedCrop,
 )
-from medssl_monai.transforms.batch import BatchViews, batch_views_for
+from medssl_monai.transforms.batch import VIEWS_ON, BatchViews, batch_views_for, views_location
 from medssl_monai.transforms.dictionary import (
     ContrastiveViewsd,
     EnsureFloatImaged,
@@ -31,6 +31,7 @@ from medssl_monai.transforms.presets import get_preset, list_presets, load_prese
 
 __all__ = [
     "LUMA_WEIGHTS",
+    "VIEWS_ON",
     "BatchViews",
     "ContrastiveViewsd",
     "EnsureFloatImage",
@@ -51,4 +52,5 @@ __all__ = [
     "preset_parameters",
     "rgb_to_grayscale",
     "rgb_to_hsv",
+    "views_location",
 ]

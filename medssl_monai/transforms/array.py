@@ -24,6 +24,7 @@ from monai.transforms import Randomizable, RandomizableTransform, SpatialCrop, T
 from monai.transforms.utils import scale_affine
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple
 
+from ..utils.deprecation import renamed_arg
 from .functional import (
     COLOR_ADJUSTMENTS,
     centre_crop_box,
@@ -65,7 +66,8 @@ class EnsureFloatImage(Transform):
     [0, 1] with the channel count the preset expects, so this runs first.
 
     Args:
-        num_channels: 3 to repeat gray to RGB, 1 to convert RGB to ITU-R 601 luma, None to keep.
+        in_channels: 3 to repeat gray to RGB, 1 to convert RGB to ITU-R 601 luma, None to keep (the
+            channel count of the network input, MONAI's ``in_channels``).
         channel_dim: where the channels are: an int, ``"no_channel"`` for (H, W) input, or
             ``"auto"`` (by shape: (H, W) has no channel, a 3D array whose last dim is 1/3/4 and first
             is not is channel-last, anything else channel-first).
@@ -73,24 +75,27 @@ class EnsureFloatImage(Transform):
             [0, 255] (8-bit pixels loaded as float) by 255; it min-max rescales anything else outside
             [0, 1]; ``"minmax"`` always min-max rescales; ``"none"`` only casts.
         drop_alpha: drop a 4th (alpha) channel of RGBA images.
+        num_channels: former name of ``in_channels`` (accepted with a ``FutureWarning``).
     """
 
     backend: ClassVar[list[TransformBackends]] = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
+    @renamed_arg("num_channels", "in_channels")
     def __init__(
         self,
-        num_channels: int | None = None,
+        in_channels: int | None = None,
         channel_dim: int | str = "auto",
         scale: str = "auto",
         drop_alpha: bool = True,
+        num_channels: int | None = None,
     ) -> None:
-        if num_channels not in (None, 1, 3):
-            raise ValueError(f"num_channels must be None, 1 or 3, got {num_channels}.")
+        if in_channels not in (None, 1, 3):
+            raise ValueError(f"in_channels must be None, 1 or 3, got {in_channels}.")
         if scale not in ("auto", "minmax", "none"):
             raise ValueError(f"scale must be 'auto', 'minmax' or 'none', got {scale!r}.")
         if isinstance(channel_dim, str) and channel_dim not in ("auto", "no_channel"):
             raise ValueError(f"channel_dim must be an int, 'auto' or 'no_channel', got {channel_dim!r}.")
-        self.num_channels = num_channels
+        self.in_channels = in_channels
         self.channel_dim = channel_dim
         self.scale = scale
         self.drop_alpha = drop_alpha
@@ -121,12 +126,12 @@ class EnsureFloatImage(Transform):
         if self.drop_alpha and t.shape[0] == 4:
             t = t[:3]
         t = self._to_unit_range(t, src_dtype)
-        if self.num_channels == 3 and t.shape[0] == 1:
+        if self.in_channels == 3 and t.shape[0] == 1:
             t = t.expand(3, -1, -1).contiguous()
-        elif self.num_channels == 1 and t.shape[0] == 3:
+        elif self.in_channels == 1 and t.shape[0] == 3:
             t = rgb_to_grayscale(t)
-        elif self.num_channels is not None and t.shape[0] != self.num_channels:
-            raise ValueError(f"cannot convert a {t.shape[0]}-channel image to {self.num_channels} channels.")
+        elif self.in_channels is not None and t.shape[0] != self.in_channels:
+            raise ValueError(f"cannot convert a {t.shape[0]}-channel image to {self.in_channels} channels.")
         if isinstance(img, MetaTensor):
             out, *_ = convert_to_dst_type(t, dst=img, dtype=t.dtype)  # copies meta: the source stays as is
             out.meta["original_channel_dim"] = 0

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from monai.transforms import RandFlipd, Randomizable, RandRotate90d
 
+from ..utils.deprecation import current_value
 from .dictionary import (
     EnsureFloatImaged,
     RandColorJitterd,
@@ -45,7 +46,10 @@ from .functional import (
 )
 from .presets import get_preset
 
-__all__ = ["BatchViews", "batch_views_for"]
+__all__ = ["VIEWS_ON", "BatchViews", "batch_views_for", "views_location"]
+
+#: where the contrastive views are made: ``host`` (per item, loader workers) or ``device`` (per batch)
+VIEWS_ON = ("host", "device")
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +264,7 @@ class BatchViews(Randomizable, torch.nn.Module):
                           blur_kernel_size=b.kernel_size)
         if unsupported:
             raise ValueError(f"preset {preset!r} has transforms BatchViews cannot run on the device: "
-                             f"{', '.join(unsupported)}; use views_on='cpu' for it")
+                             f"{', '.join(unsupported)}; use views_on='host' for it")
         return cls(**kw)
 
 
@@ -288,12 +292,20 @@ def _axes(axis: Any) -> tuple[int, ...]:
     return () if axis is None else tuple(int(a) for a in np.atleast_1d(axis))
 
 
+def views_location(views_on: str) -> str:
+    """``views_on`` checked: ``"host"`` (per item, in the loader's workers) or ``"device"`` (per batch,
+    :class:`BatchViews`), the words ``cache`` uses; ``"cpu"``, the former name of ``"host"``, with a warning."""
+    where = current_value("views_on", views_on)
+    if where not in VIEWS_ON:
+        raise ValueError(f"views_on must be 'host' or 'device', got {views_on!r}")
+    return where
+
+
 def batch_views_for(preset: str, image_size: int, preset_overrides: Mapping[str, Any] | None = None,
-                    views_on: str = "cpu", seed: int = 0) -> BatchViews | None:
-    """For the bundles: the device-side views when ``views_on == "device"``, else ``None`` (CPU workers)."""
-    if views_on not in ("cpu", "device"):
-        raise ValueError(f"views_on must be 'cpu' or 'device', got {views_on!r}")
-    if views_on == "cpu":
+                    views_on: str = "host", seed: int = 0) -> BatchViews | None:
+    """For the bundles: the device-side views when ``views_on == "device"``, else ``None`` (host workers;
+    ``"cpu"`` is the former name of ``"host"``)."""
+    if views_location(views_on) == "host":
         return None
     views = BatchViews.from_preset(preset, image_size, preset_overrides)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0

@@ -18,6 +18,7 @@ from monai.data.meta_obj import get_track_meta
 from monai.transforms import Compose, MapTransform, Randomizable, RandomizableTransform
 from monai.utils import MAX_SEED, convert_to_tensor
 
+from ..utils.deprecation import renamed_arg
 from .array import (
     EnsureFloatImage,
     RandColorJitter,
@@ -38,21 +39,23 @@ __all__ = [
 
 
 class EnsureFloatImaged(MapTransform):
-    """Dictionary version of :class:`EnsureFloatImage`."""
+    """Dictionary version of :class:`EnsureFloatImage` (``num_channels``: the former name of ``in_channels``)."""
 
     backend = EnsureFloatImage.backend
 
+    @renamed_arg("num_channels", "in_channels")
     def __init__(
         self,
         keys: KeysCollection,
-        num_channels: int | None = None,
+        in_channels: int | None = None,
         channel_dim: int | str = "auto",
         scale: str = "auto",
         drop_alpha: bool = True,
         allow_missing_keys: bool = False,
+        num_channels: int | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = EnsureFloatImage(num_channels, channel_dim, scale, drop_alpha)
+        self.converter = EnsureFloatImage(in_channels, channel_dim, scale, drop_alpha)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

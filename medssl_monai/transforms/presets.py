@@ -18,6 +18,8 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
+from ..utils.deprecation import renamed_arg
+
 __all__ = ["PRESET_PACKAGE_DIR", "get_preset", "list_presets", "load_preset_config", "preset_parameters"]
 
 #: Folder (inside the package) holding ``<name>.json`` presets.
@@ -50,6 +52,7 @@ def preset_parameters(name: str) -> dict[str, Any]:
     return {k: v for k, v in load_preset_config(name).items() if k not in _RESERVED}
 
 
+@renamed_arg("channels", "in_channels")
 def get_preset(
     name: str,
     keys: Sequence[str] | str = ("image",),
@@ -63,7 +66,8 @@ def get_preset(
         keys: dictionary keys the pipeline transforms.
         spatial_size: output view size (H, W).
         overrides: any top-level parameter of the preset, e.g. ``strength=0.5``,
-            ``crop_scale=(0.08, 1.0)``, ``blur_prob=0.0`` (see :func:`preset_parameters`).
+            ``crop_scale=(0.08, 1.0)``, ``blur_prob=0.0`` (see :func:`preset_parameters`); ``channels`` is
+            the former name of ``in_channels``.
 
     Returns:
         A ``monai.transforms.Compose`` of the preset's transforms.

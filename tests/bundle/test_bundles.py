@@ -6,6 +6,7 @@ Each bundle is copied to a temporary folder (a run writes ``models/`` and ``outp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -179,6 +180,14 @@ def test_evaluate_and_predict(pretrained: dict[str, Path]) -> None:
     assert len(pred) == 12 and probs.shape[1] == len(json.loads((p3 / "models/classes.json").read_text()))
     assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
     assert (pred["pred"] == probs.idxmax(axis=1).str.removeprefix("prob_")).all()
+    # the fingerprint of every predicted file, what results-to-dicom proves before it sends a result
+    record = pd.read_csv(p3 / "output/predictions.sources.csv", dtype=str, keep_default_na=False)
+    assert list(record["sop_uid"]) == list(pred["sop_uid"].astype(str))
+    assert oct((p3 / "output/predictions.sources.csv").stat().st_mode & 0o777) == "0o600"
+    files = pd.read_csv(manifest, dtype=str).drop_duplicates("sop_uid").set_index("sop_uid")["path"]
+    for uid, digest in zip(record["sop_uid"], record["source_sha256"]):
+        path = Path(files[uid]) if Path(files[uid]).is_absolute() else manifest.parent / files[uid]
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_monai_label_contract(pretrained: dict[str, Path], ham10000: Path) -> None:

@@ -32,9 +32,9 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     natural = require_data("natural")
     preset = tmp_path / "fixed_views.json"  # deterministic views: the comparison must not depend on RNG streams
     preset.write_text(json.dumps({
-        "keys": ["image"], "spatial_size": [32, 32], "channels": 3,
+        "keys": ["image"], "spatial_size": [32, 32], "in_channels": 3,
         "transforms": [
-            {"_target_": "medssl_monai.transforms.EnsureFloatImaged", "keys": "@keys", "num_channels": "@channels"},
+            {"_target_": "medssl_monai.transforms.EnsureFloatImaged", "keys": "@keys", "in_channels": "@in_channels"},
             {"_target_": "Resized", "keys": "@keys", "spatial_size": "@spatial_size", "mode": "area"},
         ],
     }))

@@ -375,16 +375,19 @@ def test_build_finetune_amp_takes_the_bundles_vocabulary(caplog):
     assert not trainer.amp and "amp=bf16 is ignored" in caplog.text  # CPU
 
 
-def test_classification_dataset_flips_follow_the_preset():
+def test_finetune_flips_follow_the_preset():
+    """The shipped train.json's augmentation: the view preset sets the flips (laterality is a cue in radiographs)."""
+    from monai.bundle import ConfigParser
     from monai.transforms import RandFlipd
 
-    from medssl_monai.bundle import classification_dataset
-
-    rows = pd.DataFrame({"path": ["a.png"], "label": ["x"], "patient_id": ["p"], "sop_uid": ["s"]})
+    from medssl_monai.bundle.locate import bundle_path
 
     def flips(preset):
-        ds = classification_dataset(rows, ["x"], augment=True, preset=preset)
-        return sorted((t.flipper.spatial_axis, t.prob) for t in ds.transform.transforms if isinstance(t, RandFlipd))
+        parser = ConfigParser()
+        parser.read_config(str(bundle_path("finetune_classification") / "configs" / "train.json"))
+        parser.update({"preset": preset, "classes": ["x"]})
+        pre = parser.get_parsed_content("train#preprocessing")
+        return sorted((t.flipper.spatial_axis, t.prob) for t in pre.transforms if isinstance(t, RandFlipd))
 
     assert flips(None) == [(1, 0.5)]  # unchanged default: horizontal flips
     assert flips("chest_xray") == []  # laterality is a cue in radiographs

@@ -273,3 +273,24 @@ def test_evaluation_overrides_leave_the_recorded_architecture_alone() -> None:
     evaluate = json.loads((BUNDLE / "configs" / "evaluate.json").read_text())
     recorded = {k for k, v in evaluate.items() if isinstance(v, str) and v.startswith("$@architecture[")}
     assert recorded == set(ARCHITECTURE_DEFAULTS) | {"classes"}
+
+
+def test_min_epoch_steps_trains_whole_extra_passes_per_epoch(manifest: Path, tmp_path: Path) -> None:
+    """18 training images at batch 16 are 2 steps a pass; min_epoch_steps=5 makes every epoch 3 passes (6
+    steps), each image 3 times, while max_epochs and the epoch-level schedule keep their meaning."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE), "manifest": str(manifest), "backbone": "cbr_tiny", "device": "cpu",
+                   "in_channels": 1, "image_size": 32, "output_dir": str(tmp_path), "progress_bar": False,
+                   "max_epochs": 2, "min_epoch_steps": 5, "val_interval": 2})
+    trainer = parser.get_parsed_content("train#trainer")
+    seen: list[int] = []
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(len(e.state.output)))  # decollated
+    trainer.run()
+    assert trainer.state.epoch_length == 6 and trainer.state.iteration == 12 and trainer.state.epoch == 2
+    assert sum(seen) == 2 * 3 * 18
+    assert parser.get_parsed_content("train#lr_scheduler").last_epoch == 2  # stepped per epoch, not per pass

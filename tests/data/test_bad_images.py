@@ -186,7 +186,7 @@ def test_pseudonymised_pipeline_leaves_no_original_identifier_in_the_run_folder(
     train = manifest[manifest["split"] == "train"]["path"]
     victim = train[train.str.endswith("IM001")].iloc[0]  # RLE: pydicom warns, naming the file
     truncate(Path(victim))
-    cfg["phases"] = {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
+    cfg["phases"] = {"phase1": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
                      "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"},
                      "predict": {"split": "test"}}
     roots = run_pipeline_and_report(cfg)

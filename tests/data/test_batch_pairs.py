@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from medssl_monai.data import (
-    CachedPairLoader,
+    CachedPairDataset,
     ContrastivePairDataset,
     MultiInstanceIndex,
+    PairBatchSampler,
     PairIndex,
     build_image_cache,
+    cached_pair_loader,
 )
 from medssl_monai.losses import NTXentLoss
 
@@ -114,8 +116,9 @@ def test_loader_gathers_cached_images_and_group_ids_make_the_mask(tmp_path: Path
     df = _png_rows(tmp_path, ["A", "B", "A", "C", "B", "A", "D", "E"])
     cache = build_image_cache(df, (8, 8), progress=False)
     idx = MultiInstanceIndex(df)
-    loader = CachedPairLoader(cache, idx, batch_size=8, pairing="simclr", seed=1, rank=0, world_size=1)
-    assert len(loader) == 1
+    pairs = CachedPairDataset(cache, idx, pairing="simclr")
+    loader = cached_pair_loader(pairs, PairBatchSampler(pairs, batch_size=8, seed=1))
+    assert isinstance(loader, torch.utils.data.DataLoader) and len(pairs) == 8 and len(loader) == 1
     batch = next(iter(loader))
     assert batch["view_1"].dtype == torch.uint8 and batch["view_1"].shape == (8, 3, 8, 8)
     # each view is the cached image of some row, and its group id is that row's patient
@@ -136,10 +139,10 @@ def test_ranks_draw_disjoint_shards_with_equal_steps(tmp_path: Path) -> None:
     cache = build_image_cache(df, (8, 8), progress=False)
     idx = MultiInstanceIndex(df)
     seen = []
+    pairs = CachedPairDataset(cache, idx, pairing="micle", mode="device", device="cpu")
     for rank in (0, 1):
-        loader = CachedPairLoader(cache, idx, batch_size=3, pairing="micle", seed=0, mode="device", device="cpu",
-                                  rank=rank, world_size=2)
-        assert len(loader) == 1 and len(loader.images) == 6  # only this rank's 3 patients' images
+        loader = cached_pair_loader(pairs, PairBatchSampler(pairs, batch_size=3, seed=0, rank=rank, world_size=2))
+        assert len(loader) == 1 and len(loader.dataset.images) == 6  # only this rank's 3 patients' images
         seen.append({int(g) for b in loader for g in b["group_index"]})
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(6))
 
@@ -149,3 +152,24 @@ def test_view_grid_shows_uint8_cache_batches_in_unit_range() -> None:
 
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     assert torch.allclose(view_pairs_grid(x, x), view_pairs_grid(x.float() / 255.0, x.float() / 255.0))
+
+
+def test_sampler_epochs_are_reseeded_from_seed_and_epoch(tmp_path: Path) -> None:
+    """``set_epoch`` (what ``ReseedEachEpoch`` calls) draws an epoch from ``(seed, epoch)`` only: the same
+    epoch twice gives the same batches whatever ran before (a resumed run), a new epoch new pairs."""
+    df = _png_rows(tmp_path, [f"p{i // 2}" for i in range(12)])
+    pairs = CachedPairDataset(build_image_cache(df, (8, 8), progress=False), MultiInstanceIndex(df))
+    sampler = PairBatchSampler(pairs, batch_size=3, seed=5)
+    loader = cached_pair_loader(pairs, sampler)
+
+    def epoch(e: int) -> list[torch.Tensor]:
+        sampler.set_epoch(e)
+        return [torch.cat([b["view_1"].flatten(), b["view_2"].flatten(), b["group_index"]]) for b in loader]
+
+    first = epoch(2)
+    epoch(3)
+    assert all(torch.equal(x, y) for x, y in zip(first, epoch(2)))
+    assert not all(torch.equal(x, y) for x, y in zip(first, epoch(3)))
+    state = torch.get_rng_state()
+    epoch(4)
+    assert torch.equal(state, torch.get_rng_state())  # iterating never draws from torch's global generator

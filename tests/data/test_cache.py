@@ -24,7 +24,7 @@ from medssl_monai.transforms import EnsureFloatImage
 
 
 def reference(row: dict, h: int, w: int) -> np.ndarray:
-    img = EnsureFloatImage(num_channels=3)(LoadManifestImage(channels=3)(row))
+    img = EnsureFloatImage(in_channels=3)(LoadManifestImage(in_channels=3)(row))
     x = torch.as_tensor(img).as_subclass(torch.Tensor).double().numpy()
     c, hh, ww = x.shape
     blocks = x.reshape(c, h, hh // h, w, ww // w).mean(axis=(2, 4))
@@ -54,9 +54,9 @@ def reader_rows(tmp_path: Path, pydicom_test_file) -> list[dict]:
 def test_cache_equals_loader_output_for_every_reader_path(tmp_path: Path, pydicom_test_file) -> None:
     rows = reader_rows(tmp_path, pydicom_test_file)
     for row in rows:
-        full = LoadManifestImage(channels=3)(row)
+        full = LoadManifestImage(in_channels=3)(row)
         h, w = full.shape[1] // 2, full.shape[2] // 2
-        cache = build_image_cache([row], (h, w), channels=3, cache_dir=tmp_path / "cache", progress=False)
+        cache = build_image_cache([row], (h, w), in_channels=3, cache_dir=tmp_path / "cache", progress=False)
         assert not cache.failures, cache.failures
         got = cache.images[0].numpy().astype(np.float64)
         assert cache.images.dtype == torch.uint8 and got.shape == (3, h, w)
@@ -162,6 +162,33 @@ def test_take_keeps_a_shard_on_a_device(tmp_path: Path) -> None:
     assert torch.equal(dev.images, cache.images)
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("mode", "disk"), ("source_size", 0), ("source_size", [24, 0, 3]), ("source_size", "big"), ("image_size", 0),
+    ("image_size", True), ("in_channels", 2), ("cache_dir", ""), ("budget_gib", 0), ("budget_gib", "lots"),
+])
+def test_cache_spec_refuses_a_bad_field_in_one_line_naming_it(field: str, value) -> None:
+    from medssl_monai.data import ImageCacheSpec
+
+    with pytest.raises(ValueError) as err:
+        ImageCacheSpec(**{field: value})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"ImageCacheSpec.{field}: ") and repr(value) in msg
+
+
+def test_cache_spec_normalises_and_writes_the_source_default_once(tmp_path: Path) -> None:
+    from medssl_monai.data import ImageCacheSpec
+
+    spec = ImageCacheSpec("host", source_size=[24, 32], image_size=16, cache_dir=tmp_path)
+    assert spec.source_size == (24, 32) and spec.cache_dir == str(tmp_path) and hash(spec) == hash(spec)
+    assert spec.enabled and not ImageCacheSpec().enabled
+    assert ImageCacheSpec(image_size=20).source_shape() == (40, 40)
+    assert ImageCacheSpec(source_size=9).source_shape() == (9, 9)
+    with pytest.raises(ValueError, match=r"ImageCacheSpec\.mode"):
+        ImageCacheSpec().build([])
+    with pytest.raises(AttributeError):
+        spec.mode = "device"  # frozen: every consumer sees the one spec the config declared
+
+
 def test_bundles_train_one_epoch_from_the_cache(tmp_path: Path, ham10000: Path) -> None:
     """micle_medical (views per batch from the host cache, k-NN monitor from it too), then a fine-tune."""
     import shutil
@@ -205,6 +232,7 @@ def test_cache_failures_count_as_bad_images(tmp_path: Path) -> None:
     import csv
 
     from medssl_monai.bundle import classification_items
+    from medssl_monai.data import ImageCacheSpec
     from medssl_monai.data.bad_images import TooManyBadImagesError, configure_bad_images
 
     rows = _pngs(tmp_path / "img", 4).assign(label="a")
@@ -214,15 +242,222 @@ def test_cache_failures_count_as_bad_images(tmp_path: Path) -> None:
     errors = tmp_path / "out" / "bad_images.csv"
     try:
         configure_bad_images(errors, max_bad=2)
-        items = classification_items(rows, cache="host", source_size=(12, 16), image_size=8, channels=3,
-                                     cache_dir=tmp_path / "cache", phase="eval")
+        spec = ImageCacheSpec("host", source_size=[12, 16], image_size=8, in_channels=3, cache_dir=tmp_path / "cache")
+        items = classification_items(rows, spec, phase="eval")
         assert len(items) == 4 and all(isinstance(i["image"], torch.Tensor) for i in items)
         recorded = list(csv.DictReader(errors.open()))
         assert [(r["key"], r["phase"]) for r in recorded] == [("pm:bad1", "eval")]
         assert str(tmp_path) not in errors.read_text()
         configure_bad_images(tmp_path / "out2" / "bad_images.csv", max_bad=0)
         with pytest.raises(TooManyBadImagesError):
-            classification_items(rows, cache="host", source_size=(12, 16), image_size=8, channels=3,
-                                 cache_dir=tmp_path / "cache", phase="train")
+            classification_items(rows, spec, phase="train")
     finally:
         configure_bad_images(None)
+
+
+# --- content keys, checked stores, private files (issue 19 items 3 and 12) ---------------------------------
+
+
+def _served_equals_decoding(cache, rows: pd.DataFrame, hw: tuple[int, int] = (12, 16)) -> None:
+    """Every row served equals decoding its file now (the loader's output, block-mean resized): never stale."""
+    assert cache.kept.all(), cache.failures
+    for i, row in enumerate(rows.to_dict("records")):
+        got = cache.images[cache.slots[i]].numpy().astype(np.float64)
+        assert np.abs(got - reference(row, *hw)).max() <= 1, i
+
+
+def _store(cache_dir: Path) -> Path:
+    (folder,) = [p for p in cache_dir.iterdir() if (p / "index.json").is_file()]
+    return folder
+
+
+def _png(path: Path, seed: int, size: tuple[int, int] = (24, 32)) -> None:
+    """An uncompressed PNG: its byte size depends on its dimensions only, so two of them have the same size."""
+    pixels = np.random.default_rng(seed).uniform(0, 255, (*size, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path, compress_level=0)
+
+
+def test_same_size_replacement_with_mtime_restored_is_decoded_again(tmp_path: Path, count_decodes: list[str]) -> None:
+    folder = tmp_path / "img"
+    folder.mkdir()
+    paths = [folder / f"x{i}.png" for i in range(4)]
+    for i, p in enumerate(paths):
+        _png(p, i)
+    rows = pd.DataFrame({"path": [str(p) for p in paths], "sop_uid": [f"u{i}" for i in range(4)]})
+    store = tmp_path / "cache"
+    _served_equals_decoding(build_image_cache(rows, (12, 16), cache_dir=store, progress=False), rows)
+    count_decodes.clear()
+
+    def replace_keeping_stat(path: Path, data: bytes) -> None:
+        st = path.stat()
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)  # stat says: same
+
+    new = tmp_path / "new.png"
+    _png(new, 99)
+    replace_keeping_stat(paths[1], new.read_bytes())
+    a, b = paths[2].read_bytes(), paths[3].read_bytes()  # a re-export that swapped two files' contents
+    replace_keeping_stat(paths[2], b)
+    replace_keeping_stat(paths[3], a)
+    again = build_image_cache(rows, (12, 16), cache_dir=store, progress=False)
+    assert sorted(count_decodes) == sorted(str(p) for p in paths[1:]) and again.decoded == 3
+    _served_equals_decoding(again, rows)
+
+
+def _zero_data(npy: Path) -> None:
+    offset = np.load(npy, mmap_mode="r").offset
+    with npy.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(npy.stat().st_size - offset))
+
+
+def _short_store(npy: Path) -> None:
+    np.save(npy, np.load(npy)[:3])  # a valid array, 3 rows fewer than the index says
+
+
+def _edited_index(index: Path) -> None:
+    import json
+
+    idx = json.loads(index.read_text())
+    a, b = list(idx["entries"])[:2]
+    idx["entries"][a]["slot"], idx["entries"][b]["slot"] = idx["entries"][b]["slot"], idx["entries"][a]["slot"]
+    index.write_text(json.dumps(idx))  # two rows' pixels swapped, the checksum left as it was
+
+
+CORRUPTIONS = {
+    "npy overwritten with zeros": lambda f: f.write_bytes(bytes(f.stat().st_size)),
+    "npy pixels zeroed, header kept": _zero_data,
+    "npy truncated": lambda f: os.truncate(f, f.stat().st_size // 2),
+    "npy missing": lambda f: f.unlink(),
+    "npy short (fewer rows)": _short_store,
+    "index truncated": lambda f: os.truncate(f, f.stat().st_size // 2),
+    "index garbage": lambda f: f.write_bytes(np.random.default_rng(0).bytes(300)),
+    "index valid JSON, not an index": lambda f: f.write_text('{"version": 2, "entries": []}'),
+    "index a list": lambda f: f.write_text("[1, 2, 3]"),
+    "index edited (slots swapped)": _edited_index,
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_store_is_rebuilt_never_served(tmp_path: Path, case: str, count_decodes: list[str], caplog) -> None:
+    rows = _pngs(tmp_path / "img", 6)
+    cache_dir = tmp_path / "cache"
+    build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+    folder = _store(cache_dir)
+    (npy,) = folder.glob("images-*.npy")
+    CORRUPTIONS[case](folder / "index.json" if case.startswith("index") else npy)
+    count_decodes.clear()
+    with caplog.at_level("WARNING", logger="medssl_monai.data.cache"):
+        again = build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)  # no traceback
+    assert again.decoded > 0 and len(count_decodes) == again.decoded
+    _served_equals_decoding(again, rows)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "medssl_monai.data.cache" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and folder.name in warnings[0] and "\n" not in warnings[0], warnings
+    assert str(tmp_path) not in warnings[0]  # names the store, not a path
+    count_decodes.clear()
+    third = build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)  # healthy again: read
+    assert count_decodes == [] and third.decoded == 0
+    _served_equals_decoding(third, rows)
+    assert len(list(folder.glob("images-*.npy"))) == 1 and not list(folder.glob(".*.tmp"))
+
+
+def test_a_bad_chunk_decodes_only_its_rows_again(tmp_path: Path, monkeypatch, count_decodes: list[str]) -> None:
+    import medssl_monai.data.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 2 * 3 * 12 * 16)  # two rows per checksummed chunk
+    rows = _pngs(tmp_path / "img", 6)
+    cache_dir = tmp_path / "cache"
+    build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+    (npy,) = _store(cache_dir).glob("images-*.npy")
+    offset = np.load(npy, mmap_mode="r").offset
+    with npy.open("r+b") as fh:  # one byte of row 2 (chunk 1 = rows 2 and 3) flipped
+        fh.seek(offset + 2 * 3 * 12 * 16 + 100)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    count_decodes.clear()
+    again = build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+    assert sorted(count_decodes) == sorted(rows.loc[[2, 3], "path"]) and again.decoded == 2
+    _served_equals_decoding(again, rows)
+    # a subset is checked too: row 0's chunk zeroed, the subset [0, 5] decodes row 0 again, not row 5
+    (npy,) = _store(cache_dir).glob("images-*.npy")
+    offset = np.load(npy, mmap_mode="r").offset
+    with npy.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(2 * 3 * 12 * 16))
+    count_decodes.clear()
+    sub = build_image_cache(rows.iloc[[0, 5]], (12, 16), cache_dir=cache_dir, progress=False)
+    assert count_decodes == [str(rows.loc[0, "path"])]
+    _served_equals_decoding(sub, rows.iloc[[0, 5]].reset_index(drop=True))
+
+
+def test_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    rows = _pngs(tmp_path / "img", 3)
+    cache_dir = tmp_path / "output" / "image_cache"
+
+    def modes() -> dict[str, int]:
+        folder = _store(cache_dir)
+        return {p.name: p.stat().st_mode & 0o777 for p in [cache_dir, folder, *folder.iterdir()]}
+
+    old = os.umask(0)
+    try:
+        build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+        got = modes()
+        assert {"index.json", ".lock"} <= set(got) and any(n.endswith(".npy") for n in got)
+        assert got == {n: 0o700 if n in ("image_cache", _store(cache_dir).name) else 0o600 for n in got}
+        for p in _store(cache_dir).iterdir():  # a store an older version wrote: 0755 / 0644
+            os.chmod(p, 0o644)
+        os.chmod(_store(cache_dir), 0o755)
+        rows.loc[0, "path"] = str(tmp_path / "img" / "img1.png")  # and a second generation written
+        build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+        assert modes() == got
+        shared = tmp_path / "shared_cache"  # an existing folder is not changed: its store folders are private
+        shared.mkdir(mode=0o755)
+        build_image_cache(rows, (12, 16), cache_dir=shared, progress=False)
+        assert shared.stat().st_mode & 0o777 == 0o755 and _store(shared).stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_a_store_hashed_otherwise_is_rebuilt(tmp_path: Path, monkeypatch, count_decodes: list[str]) -> None:
+    """Without ``xxhash`` (an offline machine) the cache hashes with blake2b: a store written with the other
+    hash is rebuilt, then read."""
+    import hashlib
+
+    import medssl_monai.data.cache as cache_module
+
+    rows = _pngs(tmp_path / "img", 3)
+    build_image_cache(rows, (12, 16), cache_dir=tmp_path / "cache", progress=False)
+    monkeypatch.setattr(cache_module, "HASH", "blake2b_128")
+    monkeypatch.setattr(cache_module, "_hasher", lambda: hashlib.blake2b(digest_size=16))
+    count_decodes.clear()
+    again = build_image_cache(rows, (12, 16), cache_dir=tmp_path / "cache", progress=False)
+    assert again.decoded == 3 and len(count_decodes) == 3
+    count_decodes.clear()
+    third = build_image_cache(rows, (12, 16), cache_dir=tmp_path / "cache", progress=False)
+    assert third.decoded == 0 and count_decodes == []
+    _served_equals_decoding(third, rows)
+
+
+def test_a_build_killed_midway_leaves_the_previous_store_whole(tmp_path: Path, monkeypatch) -> None:
+    rows = _pngs(tmp_path / "img", 4)
+    cache_dir = tmp_path / "cache"
+    build_image_cache(rows.iloc[:2], (12, 16), cache_dir=cache_dir, progress=False)
+    folder = _store(cache_dir)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".lock"}
+    original = reader_module.LoadManifestImage.__call__
+    calls = []
+
+    def killed(self, row):
+        calls.append(row)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill (not an Exception: no row failure recorded)
+        return original(self, row)
+
+    monkeypatch.setattr(reader_module.LoadManifestImage, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False)
+    monkeypatch.setattr(reader_module.LoadManifestImage, "__call__", original)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".lock"} == before  # no temp file left
+    _served_equals_decoding(build_image_cache(rows, (12, 16), cache_dir=cache_dir, progress=False), rows)

@@ -160,7 +160,10 @@ def test_workers_give_same_manifest(tmp_path: Path, dicom_data: Path) -> None:
     pd.testing.assert_frame_equal(one.manifest, two.manifest)
     pd.testing.assert_frame_equal(one.errors, two.errors)
     truth = _truth(dicom_data)
-    assert len(one.manifest) == 3 * truth["path"].str.startswith("pydicom_dicomdirtests/").sum()
+    n = truth["path"].str.startswith("pydicom_dicomdirtests/").sum()
+    # three copies of one tree: each instance is indexed once, the two other copies are duplicates
+    assert len(one.manifest) == n and one.manifest["sop_uid"].is_unique
+    assert (one.errors["code"].astype(str) == "duplicate_instance").sum() == 2 * n
 
 
 def test_incremental_rereads_only_changed(tmp_path: Path, dicom_data: Path) -> None:

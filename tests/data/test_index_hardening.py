@@ -26,14 +26,16 @@ from medssl_monai.cli import main
 from medssl_monai.data import (
     LoadManifestImage,
     Pseudonymizer,
-    dicom_index,
     index_tree,
     load_or_create_salt,
     read_manifest,
     split_groups,
     table_to_manifest,
 )
-from medssl_monai.data.dicom_index import check_index_outputs, read_labels
+from medssl_monai.data.dicom import check_index_outputs
+from medssl_monai.data.dicom import index as dicom_index
+from medssl_monai.data.dicom import walk as dicom_walk
+from medssl_monai.data.labels import read_labels
 from medssl_monai.data.manifest import errors_path, pathmap_path, write_manifest
 from medssl_monai.data.splits import nested_label_fractions
 from medssl_monai.sample_data import synthetic_image, write_dicom
@@ -97,7 +99,7 @@ def _unlistable(folder: Path):
         return real(path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dicom_index.os, "scandir", scandir)
+        mp.setattr(dicom_walk.os, "scandir", scandir)
         yield
 
 
@@ -190,14 +192,18 @@ def test_corpus_every_bad_kind_reported_every_good_file_indexed(tmp_path: Path, 
     assert res.stats["files_seen"] == len(good) + len(bad)
     # the good files really load, and the truncated ones really do not (the index is not over-strict)
     for p, rows, cols in zip(res.manifest["path"], res.manifest["rows"], res.manifest["columns"]):
-        assert tuple(LoadManifestImage(channels=1)(p).shape[-2:]) == (rows, cols)
+        assert tuple(LoadManifestImage(in_channels=1)(p).shape[-2:]) == (rows, cols)
     for name in ("cut_rle_in_first_fragment.dcm", "cut_rle_last_byte_missing.dcm", "cut_jpeg_in_first_fragment.dcm"):
         with pytest.raises((ValueError, EOFError, OSError, RuntimeError, AttributeError)):
             _ = pydicom.dcmread(tree / name).pixel_array
-    # following links is an opt-in: then the outside file and folder are indexed (the same file twice)
+    # following links is an opt-in: then the outside file and folder are indexed; the file reached twice (a
+    # link and the linked folder) is one instance: the first path is kept, the other is a duplicate_instance
     with _unlistable(locked):
         followed = index_tree(tree, follow_links=True)
-    assert {Path(p).name for p in followed.manifest["path"]} == good | {"link_out.dcm", "elsewhere.dcm"}
+    names = {Path(p).name for p in followed.manifest["path"]}
+    assert names - good == {"elsewhere.dcm"} and good <= names
+    dup = followed.errors[followed.errors["code"] == "duplicate_instance"]
+    assert [Path(p).name for p in dup["path"]] == ["link_out.dcm"]
     # a limit is a limit: 32 x 32 = 1024 pixels is over 1000
     small = index_tree(tree / "good_native.dcm", max_pixels=1000)
     assert list(small.errors["code"]) == ["too_large"] and small.manifest.empty

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, ScaleIntensityd
+from PIL import Image
 
 from medssl_monai.data import (
     LoadManifestImage,
@@ -128,7 +129,7 @@ def test_jpeg_png_via_monai(ham10000: Path, tmp_path: Path) -> None:
     gray = (np.arange(20 * 30) % 256).astype(np.uint8).reshape(20, 30)
     Image.fromarray(gray).save(tmp_path / "g.png")
     g1 = LoadManifestImage()(str(tmp_path / "g.png"))
-    g3 = LoadManifestImage(channels=3)(str(tmp_path / "g.png"))
+    g3 = LoadManifestImage(in_channels=3)(str(tmp_path / "g.png"))
     assert g1.shape == (1, 20, 30) and g3.shape == (3, 20, 30)
     np.testing.assert_array_equal(g1[0].numpy(), gray)
     assert torch.equal(g3[0], g3[2])
@@ -162,7 +163,7 @@ def test_series_volume_sorted_by_position(dicom_data: Path) -> None:
 def test_manifest_in_monai_dataset(dicom_data: Path) -> None:
     m = index_tree(dicom_data).manifest
     rows = [{"image": r} for r in m.to_dict("records")]
-    pipeline = Compose([LoadManifestImaged(keys="image", channels=1), ScaleIntensityd(keys="image")])
+    pipeline = Compose([LoadManifestImaged(keys="image", in_channels=1), ScaleIntensityd(keys="image")])
     batch = next(iter(DataLoader(Dataset(rows[:8], pipeline), batch_size=4)))
     assert batch["image"].shape[:2] == (4, 1) and float(batch["image"].max()) <= 1.0
 
@@ -182,8 +183,8 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
     img = synthetic_image(2, 1, 0, 24)
     write_dicom(one / "1.2.3.1.dcm", img, patient_id="P", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.1")
     (one / "notes.txt").write_text("not DICOM")
-    folder = LoadManifestImaged(keys="image", channels=1)({"image": str(one)})["image"]
-    np.testing.assert_array_equal(folder.numpy(), LoadManifestImage(channels=1)(str(one / "1.2.3.1.dcm")).numpy())
+    folder = LoadManifestImaged(keys="image", in_channels=1)({"image": str(one)})["image"]
+    np.testing.assert_array_equal(folder.numpy(), LoadManifestImage(in_channels=1)(str(one / "1.2.3.1.dcm")).numpy())
 
     stack = tmp_path / "stack"
     stack.mkdir()
@@ -198,3 +199,27 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
     (empty / "readme.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"empty: a folder without DICOM images"):
         LoadManifestImage()(str(empty))
+
+
+def test_former_channel_and_cache_keywords_still_work_with_a_warning(tmp_path: Path) -> None:
+    """``channels`` (the loaders, ``eval_dataset``) is the former name of ``in_channels`` and
+    ``eval_dataset(cache=)`` of ``in_memory`` ("cache" is the decoded-image cache only): same result, a warning."""
+    import pandas as pd
+    from monai.data import CacheDataset
+
+    from medssl_monai.bundle.data import eval_dataset
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    with pytest.warns(FutureWarning, match="channels.*in_channels"):
+        old = LoadManifestImage(channels=1)(str(tmp_path / "c.png"))
+    np.testing.assert_array_equal(old.numpy(), LoadManifestImage(in_channels=1)(str(tmp_path / "c.png")).numpy())
+    with pytest.warns(FutureWarning, match="channels.*in_channels"):
+        assert LoadManifestImaged(keys="image", channels=3).loader.in_channels == 3
+    rows = pd.DataFrame({"path": [str(tmp_path / "c.png")], "sop_uid": ["1.2.3"], "patient_id": ["p"]})
+    with pytest.warns(FutureWarning, match="cache.*in_memory"):
+        ds = eval_dataset(rows, 4, in_channels=1, cache=True)
+    assert isinstance(ds, CacheDataset)
+    new = eval_dataset(rows, 4, in_channels=1, in_memory=True)
+    assert isinstance(new, CacheDataset) and torch.equal(ds[0]["image"], new[0]["image"])
+    assert not isinstance(eval_dataset(rows, 4, 1), CacheDataset) and ds[0]["image"].shape == (1, 4, 4)

@@ -113,3 +113,19 @@ def test_split_cli_on_manifest(tmp_path: Path, ham_manifest: pd.DataFrame) -> No
     assert set(s["split"]) == {"train", "val", "test"}
     assert "labeled_10pct" in s.columns and s["labeled_10pct"].sum() > 0
     assert np.array_equal(s["path"].to_numpy(), read_manifest(tmp_path / "mini.csv")["path"].to_numpy())
+
+
+def test_table_to_manifest_of_a_filtered_table_keeps_rows_aligned(tmp_path):
+    """A DataFrame filtered before the call (index 2, 5, ...) once gave misaligned extra columns and empty paths."""
+    import pandas as pd
+
+    from medssl_monai.data import table_to_manifest
+
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(b"")
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "patient_id": [f"p{i}" for i in range(6)],
+                          "label": list("abcabc"), "extra": range(6)})
+    kept = table[table["extra"] % 2 == 1]
+    out = table_to_manifest(kept, root=tmp_path, check_files=False)
+    assert len(out) == 3 and out["path"].notna().all()
+    assert out["patient_id"].tolist() == ["p1", "p3", "p5"] and out["extra"].tolist() == [1, 3, 5]

@@ -22,7 +22,7 @@ def test_pipeline_end_to_end_and_skip(tmp_path: Path, capsys) -> None:
         "data": {"dicom_root": "@sample/dicom", "labels": "@sample/labels.csv",
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "label_fractions": [0.5, 1.0]},
         "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
-        "phases": {"simclr": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
+        "phases": {"phase1": None, "micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
                    "finetune": {"max_epochs": 1, "batch_size": 4}, "evaluate": {"eval_split": "test"},
                    "predict": {"split": "test"}, "embed": {}},
         "label_efficiency": {"fractions": [0.5, 1.0], "seeds": {"0.5": [0, 1], "1.0": [0]}},
@@ -120,3 +120,80 @@ def test_extends_merges_sections_and_keeps_each_files_paths(tmp_path: Path) -> N
     (tmp_path / "var" / "w.json").write_text(json.dumps({"extends": "nowhere.json", "arms": []}))
     with pytest.raises(ValueError, match=r"nowhere\.json, which does not exist"):
         load_config(tmp_path / "var" / "w.json", required="arms")
+
+
+def test_select_phase_chooses_what_the_finetune_phase_trains_on(tmp_path: Path) -> None:
+    """``phases.select`` between MICLe and the fine-tune: TypiClust on MICLe's embedding picks whole patients
+    of the training pool; the unchanged fine-tune bundle trains on exactly the worklist's images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medssl_monai.experiments.pipeline import run_pipeline
+
+    make_sample_data(tmp_path / "sample", n_patients=12)
+    cfg = {
+        "_base": str(tmp_path),
+        "run_dir": "@run",
+        "data": {"dicom_root": "@sample/dicom", "labels": "@sample/labels.csv",
+                 "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
+        "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 1, "num_workers": 0},
+        "phases": {"micle": {"preset": "chest_xray", "max_epochs": 1, "batch_size": 4},
+                   "select": {"strategy": "typiclust", "budget": 3, "level": "patient", "seed": 0},
+                   "finetune": {"max_epochs": 1, "batch_size": 2}},
+    }
+    roots = run_pipeline(cfg)
+    run = tmp_path / "run"
+    manifest = read_manifest(run / "data" / "manifest.csv", resolve_paths=False)
+    worklist = pd.read_csv(run / "select" / "worklist.csv")
+    train = manifest[manifest["split"] == "train"]
+    assert worklist["patient_id"].nunique() == 3 and set(worklist["patient_id"]) <= set(train["patient_id"])
+    for pid in set(worklist["patient_id"]):  # whole patients: every training image of a chosen patient
+        assert set(worklist.loc[worklist["patient_id"] == pid, "sop_uid"]) == set(
+            train.loc[train["patient_id"] == pid, "sop_uid"])
+    ft = json.loads((run / "configs" / "finetune.json").read_text())["overrides"]
+    selection = json.loads((run / "select" / "selection.json").read_text())
+    assert ft["manifest"] == str(run / "select" / "manifest.csv")
+    assert ft["label_fraction"] == selection["budgets"][0]["label_fraction"]
+    assert selection["checkpoint_sha256"] and selection["split"] == "train"
+    n_train = int(manifest.set_index("sop_uid").loc[worklist["sop_uid"], "label"].notna().sum())
+    acc = EventAccumulator(str(roots["finetune"] / "output" / "tensorboard"))
+    acc.Reload()
+    assert len(acc.Scalars("train_loss")) == -(-n_train // 2)  # one epoch over exactly the selected images
+
+
+@pytest.mark.parametrize("phases, words", [
+    ({"micle": {}, "select": {"budget": 3}}, "chooses what phase 'finetune' trains on"),
+    ({"micle": {}, "select": {"budget": 3, "fraction": 0.1}, "finetune": {}}, "give one of 'fraction'"),
+    ({"micle": {}, "select": {"fraction": 1.5}, "finetune": {}}, "phases.select.fraction: a number in (0, 1)"),
+    ({"micle": {}, "select": {"budget": 3, "strategy": "typical"}, "finetune": {}}, "'typical' is not one of"),
+    ({"micle": {}, "select": {"budget": 3, "levle": "patient"}, "finetune": {}}, "unknown key 'levle'"),
+    ({"finetune": {}, "select": {"budget": 3}}, "embeds with phase 'micle or phase1'"),
+    ({"micle": {}, "select": {"budget": 3}, "finetune": {"label_fraction": 0.5}}, "set by phases.select"),
+])
+def test_select_phase_problems_are_found_before_anything_runs(tmp_path: Path, phases, words) -> None:
+    from medssl_monai.experiments.pipeline import validate_pipeline
+
+    problems = validate_pipeline({"_base": str(tmp_path), "data": {"manifest": "m.csv"}, "phases": phases})
+    assert any(words in p for p in problems), problems
+
+
+def test_former_phase_name_still_runs_with_a_warning_and_both_names_are_refused(tmp_path: Path, caplog) -> None:
+    """Phase 1 is ``phase1`` in every config (study, transfusion, pipeline); ``simclr`` is its former
+    pipeline name: accepted with a warning, and refused beside the current name."""
+    import logging
+
+    from medssl_monai.experiments.pipeline import validate_pipeline, with_current_names
+    from medssl_monai.experiments.transfusion import validate_transfusion
+
+    base = {"_base": str(tmp_path), "data": {"manifest": "m.csv"}}
+    old = {**base, "phases": {"simclr": {"max_epochs": 1}, "micle": {}}}
+    assert validate_pipeline(old) == validate_pipeline({**base, "phases": {"phase1": {"max_epochs": 1}, "micle": {}}})
+    with caplog.at_level(logging.WARNING):
+        current, problems = with_current_names(old)
+    assert problems == [] and current["phases"] == {"phase1": {"max_epochs": 1}, "micle": {}}
+    assert "'simclr' is now called 'phase1'" in caplog.text
+    both = validate_pipeline({**base, "phases": {"simclr": {}, "phase1": {}}})
+    assert "phases: 'simclr' is the former name of 'phase1'; give only 'phase1'" in both
+    assert any("'pretrain' is the former name of 'phase1'" in p
+               for p in validate_transfusion({"pretrain": {}, "phase1": {}, "models": ["cbr_tiny"]}, check_data=False))
+    assert not any("pretrain" in p for p in validate_transfusion({"pretrain": {"max_epochs": 1},
+                                                                   "models": ["cbr_tiny"]}, check_data=False))

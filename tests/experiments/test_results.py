@@ -69,3 +69,14 @@ def test_metrics_csv_on_a_trainer_counts_its_iterations(tmp_path: Path) -> None:
     with open(tmp_path / "out" / "metrics.csv", newline="") as f:
         rows = [(int(r["epoch"]), int(r["step"]), float(r["knn_acc"])) for r in csv.DictReader(f)]
     assert rows == [(1, 4, 0.1), (2, 8, 0.2), (3, 12, 0.3)]
+
+
+def test_driver_overrides_reach_the_bundle_as_the_values_they_are():
+    """The drivers' overrides go through MONAI's CLI (``fire``): each must parse back to the value given.
+    JSON spellings once arrived as strings ('false' is truthy: a False switch was on)."""
+    from fire import parser
+
+    from medssl_monai.experiments.runner import _cli_value
+
+    for value in (True, False, None, [96, 128], [1, None, "a b"], {"k": False}, 0.05, 3, "resnet18", "/a b/c.pt"):
+        assert parser.DefaultParseValue(_cli_value(value)) == value, value

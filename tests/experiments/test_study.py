@@ -4,6 +4,7 @@ configs are refused with reasons, and a tiny study really runs arms x fractions 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +15,9 @@ from medssl_monai.experiments.study import validate_study
 from medssl_monai.reporting.study_summary import run_study_and_summarize
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*label_efficiency*.json")
-                 if "h100" not in p.name and "lease" not in p.name)
+CONFIGS = sorted(p for p in (REPO / "configs" / "experiments").glob("*.json")
+                 if ("label_efficiency" in p.name or "selection" in p.name) and "h100" not in p.name
+                 and "lease" not in p.name)
 VARIANTS = sorted((REPO / "configs" / "experiments" / "variants").glob("*.json"))
 
 
@@ -26,6 +28,16 @@ def test_study_configs_are_valid(path: Path) -> None:
     require_data("ham10000")
     cfg = load_config(path, required="arms")
     assert validate_study(cfg) == []
+    if "selection" in cfg:  # issue 20: budgets 1-10% (CPU; 20% on a larger machine) at lesion level, three
+        # strategies on MICLe, the random init beside it with random selection at least
+        assert set(cfg["arms"]) == {"random", "phase1_micle"} and cfg["selection"]["level"] == "patient"
+        assert set(cfg["selection"]["strategies"]) == {"random", "typiclust", "kcenter"}
+        assert "phase1_micle" not in (cfg["selection"].get("strategies_per_arm") or {})  # every strategy on MICLe
+        assert "random" in (cfg["selection"].get("strategies_per_arm") or {}).get("random", ["random"])
+        assert {0.01, 0.02, 0.05, 0.1} <= {float(f) for f in cfg["fractions"]}
+        assert all(len(s) >= 3 for f, s in cfg["seeds"].items() if float(f) < 1)
+        assert "blind" in cfg["predict_sets"]
+        return
     assert {"random", "phase1", "phase1_simclr", "phase1_micle"} <= set(cfg["arms"])  # the four arms of issue 5
     if "gpu" not in path.name:
         assert "supervised" in cfg["arms"]  # issue 11's fifth arm, on CPU too
@@ -215,3 +227,127 @@ def test_supervised_arm_trains_on_natural_labels_then_fine_tunes(tmp_path: Path)
     ft = (run / "logs" / "ft_supervised_1_s0.log").read_text()
     assert "pretrained model.pt -> backbone" in ft and "missing 0" in ft
     assert (run / "image_cache").is_dir()  # the study's one cache, shared by the runs
+
+
+def test_every_fine_tuned_model_predicts_the_predict_sets(tmp_path: Path) -> None:
+    """``predict_sets``: each fine-tune writes one CSV of the blind images (predicted, never trained on), every
+    ``blind_id`` once, probabilities summing to 1; a resumed study does not predict again."""
+    from conftest import require_data
+
+    ham, blind = require_data("ham10000"), require_data("blind", "ham10000_test")
+    images = pd.read_csv(blind / "images.csv", dtype=str).head(12)
+    images.assign(path=[str(blind / p) for p in images["path"]]).to_csv(tmp_path / "blind12.csv", index=False)
+    cfg = {
+        "_base": str(tmp_path), "run_dir": "@study",
+        "table": {"path": str(ham / "metadata.csv"), "group_col": "lesion_id", "label_col": "dx",
+                  "instance_col": "image_id", "subset": "mini"},
+        "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 3, "num_workers": 0},
+        "finetune": {"max_epochs": 1, "batch_size": 32},
+        "arms": ["random"], "fractions": [0.2, 1.0], "seeds": {"0.2": [0], "1.0": [0]}, "min_seeds": 1,
+        "eval_from_validation": True, "predict_sets": {"blind": "@blind12.csv"},
+    }
+    assert validate_study({**cfg, "predict_sets": {"bad name": "@blind12.csv"}})
+    assert validate_study({**cfg, "predict_sets": {"blind": "@absent.csv"}})
+    run_study_and_summarize(cfg)
+    written = sorted((tmp_path / "study" / "predict_sets" / "blind").glob("*.csv.gz"))
+    assert [p.name for p in written] == ["random_f0.2_s0.csv.gz", "random_f1_s0.csv.gz"]
+    for path in written:
+        preds = pd.read_csv(path, dtype={"blind_id": str})
+        assert sorted(preds["blind_id"]) == sorted(images["blind_id"])
+        probs = preds.drop(columns="blind_id")
+        assert all(c.startswith("prob_") for c in probs.columns) and len(probs.columns) >= 2
+        assert probs.sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-3)
+    # the two models differ, so do their predictions (the 20% subset may lack a class the full set has)
+    a, b = (pd.read_csv(p).set_index("blind_id").sort_index() for p in written)
+    common = [c for c in a.columns if c in b.columns]
+    assert common and not (a[common].to_numpy() == b[common].to_numpy()).all()
+    stamps = [p.stat().st_mtime_ns for p in written]
+    run_study_and_summarize(cfg)  # resumed: finished fine-tunes and their predictions are kept
+    assert [p.stat().st_mtime_ns for p in written] == stamps
+    # finished_only (a study stopped early, or still running elsewhere): nothing trains; the finished runs
+    # are reported and predict what they have not predicted yet
+    run = tmp_path / "study"
+    removed = run / "finetune" / "random" / "f1_s0" / "finetune_classification" / "models" / "model.pt"
+    removed.unlink()
+    written[0].unlink()
+    logs = sorted(p.name for p in (run / "logs").glob("*.json"))
+    partial = run_study_and_summarize(cfg, finished_only=True)
+    assert list(zip(partial["arm"], partial["fraction"])) == [("random", 0.2)]
+    assert [p.name for p in sorted((run / "predict_sets" / "blind").glob("*.csv.gz"))] == [p.name for p in written]
+    assert pd.read_csv(written[0])["blind_id"].nunique() == len(images)
+    new_logs = sorted(set(p.name for p in (run / "logs").glob("*.json")) - set(logs))
+    assert new_logs == [] or all(n.startswith("predict_blind_") for n in new_logs)  # no training, no selection
+    assert not removed.exists()  # the unfinished fine-tune was not trained again (its log name already existed)
+    assert (run / "results.csv").is_file() and len(pd.read_csv(run / "results.csv")) == 1
+    empty = run_study_and_summarize({**cfg, "run_dir": "@nothing_yet"}, finished_only=True)
+    assert empty.empty and not (tmp_path / "nothing_yet" / "finetune").exists()
+    with pytest.raises(ValueError, match="finished_only"):
+        run_study_and_summarize(cfg, force=True, finished_only=True)
+
+
+def test_selection_study_trains_each_strategy_on_its_own_nested_budgets(tmp_path: Path) -> None:
+    """``selection``: per strategy and seed the budgets are chosen on the features model's embedding of the
+    training lesions (nested), each fine-tune trains on exactly its selection, 100% is trained once."""
+    import torch
+    from conftest import require_data
+
+    from medssl_monai.networks import get_backbone
+
+    ham = require_data("ham10000")
+    torch.manual_seed(0)
+    torch.save(get_backbone("cbr_tiny", in_channels=3).state_dict(), tmp_path / "features.pt")
+    cfg = {
+        "_base": str(tmp_path), "run_dir": "@study",
+        "table": {"path": str(ham / "metadata.csv"), "group_col": "lesion_id", "label_col": "dx",
+                  "instance_col": "image_id", "subset": "mini"},
+        "common": {"backbone": "cbr_tiny", "image_size": 32, "in_channels": 3, "num_workers": 0},
+        "finetune": {"max_epochs": 1, "batch_size": 32},
+        "arms": ["random"], "fractions": [0.1, 0.2, 1.0], "seeds": {"0.1": [0], "0.2": [0], "1.0": [0]},
+        "min_seeds": 1, "eval_from_validation": True, "pretrained": {"phase1_micle": "@features.pt"},
+        "selection": {"strategies": ["random", "kcenter"], "features": "phase1_micle", "level": "patient"},
+    }
+    assert validate_study({**cfg, "selection": {"strategies": ["best"]}})
+    assert validate_study({**cfg, "selection": {"strategies": ["random"], "features": "phase1_simclr"}})
+    results = run_study_and_summarize(cfg)
+    run = tmp_path / "study"
+    assert sorted(zip(results["arm"], results["fraction"])) == [
+        ("random", 1.0), ("random:kcenter", 0.1), ("random:kcenter", 0.2), ("random:random", 0.1),
+        ("random:random", 0.2)]
+    assert {c for c in results.columns if c.startswith("recall_")} and set(results["strategy"]) == {
+        "all", "random", "kcenter"}
+    chosen = {}
+    for strategy in ("random", "kcenter"):
+        m = pd.read_csv(run / "selection" / f"{strategy}_s0" / "manifest.csv", dtype=str)
+        small, large = (m[c].str.lower() == "true" for c in ("labeled_10pct", "labeled_20pct"))
+        assert (small <= large).all() and small.sum() < large.sum()  # nested
+        assert set(m.loc[large, "split"]) == {"train"}  # only training lesions are ever selected
+        lesions = m.groupby("patient_id")["labeled_10pct"].nunique()
+        assert (lesions == 1).all()  # a lesion's images are selected together
+        chosen[strategy] = frozenset(m.loc[small, "sop_uid"])
+        # the fine-tunes trained on their selections: iterations per epoch follow the selected image counts
+        for col, frac in (("labeled_10pct", "0.1"), ("labeled_20pct", "0.2")):
+            n = int((m[col].str.lower() == "true").sum())
+            log = (run / "logs" / f"ft_{strategy}_random_{frac}_s0.log").read_text()
+            iters = int(re.search(r"Iter: \d+/(\d+)", log).group(1))
+            assert iters in {n // 32, -(-n // 32)}, (strategy, frac, n, iters)
+    assert chosen["random"] != chosen["kcenter"]
+    # a second run re-uses the finished selections (nothing is clustered again) and every finished run
+    selections = {f: f.stat().st_mtime_ns for f in (run / "selection").glob("*/selection.json")}
+    again = run_study_and_summarize(cfg)
+    assert {f: f.stat().st_mtime_ns for f in (run / "selection").glob("*/selection.json")} == selections
+    assert again.equals(results)
+    # strategies_per_arm: an arm trained on some strategies' selections only (the others' runs are not made)
+    assert validate_study({**cfg, "selection": {**cfg["selection"], "strategies_per_arm": {"micle": ["random"]}}})
+    assert validate_study({**cfg, "selection": {**cfg["selection"], "strategies_per_arm": {"random": ["typiclust"]}}})
+    only = run_study_and_summarize({**cfg, "run_dir": "@study2", "fractions": [0.1], "seeds": {"0.1": [0]},
+                                    "selection": {**cfg["selection"], "strategies_per_arm": {"random": ["kcenter"]}}})
+    assert list(only["arm"]) == ["random:kcenter"]
+
+
+def test_selection_lease_config_is_random_vs_typiclust_on_the_lease_micle() -> None:
+    cfg = load_config(REPO / "configs/experiments/ham10000_selection_lease.json", required="arms")
+    assert validate_study(cfg, check_data=False) == []
+    assert cfg["selection"]["strategies"] == ["random", "typiclust"] and cfg["fractions"] == [0.05, 0.1]
+    assert cfg["common"]["cache"] == "device" and "blind" in cfg["predict_sets"]  # the lease study's settings
+    assert cfg["pretrained"]["phase1_micle"].endswith("ham10000_label_efficiency_lease/pretrain/phase1_micle/"
+                                                      "micle_medical/models/model.pt")

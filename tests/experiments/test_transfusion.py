@@ -129,7 +129,7 @@ def test_tiny_transfusion_runs(tmp_path: Path) -> None:
                   "instance_col": "image_id", "subset": "mini"},
         "natural_dir": str(natural), "natural_size": 40,
         "common": {"image_size": 32, "in_channels": 3, "num_workers": 0},
-        "pretrain": {"max_epochs": 1, "batch_size": 4, "knn_interval": 0},
+        "phase1": {"max_epochs": 1, "batch_size": 4, "knn_interval": 0},
         "finetune": {"max_epochs": 2, "batch_size": 32, "label_fraction": 1.0},
         "models": ["resnet18"],
         "hybrid": {"model": "resnet18", "ks": [2], "slim": {"2": {"block_inplanes": [64, 64, 128, 256]}}},

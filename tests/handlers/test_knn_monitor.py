@@ -102,11 +102,12 @@ def test_bundle_knn_monitor_runs_on_rank_0_only(monkeypatch):
     from conftest import require_data
 
     from medssl_monai.bundle import knn_monitor
+    from medssl_monai.data import ImageCacheSpec
     from medssl_monai.networks import get_backbone
 
     natural = require_data("imagenette")
     net = get_backbone("cbr_tiny")
-    kw = {"dataset_dir": natural, "interval": 1, "image_size": 16, "max_images": 20}
+    kw = {"dataset_dir": natural, "interval": 1, "image_cache": ImageCacheSpec(image_size=16), "max_images": 20}
     assert isinstance(knn_monitor(net, **kw), KNNMonitor)
     monkeypatch.setattr(idist, "get_rank", lambda: 1)
     off = knn_monitor(net, **kw)

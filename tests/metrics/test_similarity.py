@@ -13,12 +13,12 @@ from medssl_monai.metrics.similarity import (
     collect_activations,
     conv_to_matrix,
     linear_cka,
-    save_similarity,
     stage_similarity,
     svcca,
     svd_reduce,
 )
 from medssl_monai.networks.backbones import get_backbone
+from medssl_monai.reporting.similarity import save_similarity
 
 
 def _orthogonal(p: int, rng: np.random.Generator) -> np.ndarray:

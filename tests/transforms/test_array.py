@@ -40,7 +40,7 @@ def test_ensure_float_image_layouts_and_ranges():
     np.testing.assert_allclose(out.numpy(), hwc.transpose(2, 0, 1) / 255.0, atol=1e-6)
 
     gray16 = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
-    out = EnsureFloatImage(num_channels=3)(gray16)
+    out = EnsureFloatImage(in_channels=3)(gray16)
     assert out.shape == (3, 20, 30)
     np.testing.assert_allclose(out[1].numpy(), gray16 / 65535.0, atol=1e-6)
 
@@ -61,11 +61,11 @@ def test_ensure_float_image_layouts_and_ranges():
     assert EnsureFloatImage()(rgba).shape == (3, 8, 9)
 
     rgb = torch.rand(3, 8, 9)
-    gray = EnsureFloatImage(num_channels=1)(rgb)
+    gray = EnsureFloatImage(in_channels=1)(rgb)
     ref = sum(w * rgb[i] for i, w in enumerate(LUMA_WEIGHTS))
     torch.testing.assert_close(gray[0].as_tensor(), ref)
 
-    d = EnsureFloatImaged(keys="image", num_channels=3)({"image": hwc[..., 0], "label": 1})
+    d = EnsureFloatImaged(keys="image", in_channels=3)({"image": hwc[..., 0], "label": 1})
     assert d["image"].shape == (3, 20, 30) and d["label"] == 1
 
 
@@ -228,3 +228,25 @@ def test_blur_matches_reference_keeps_constant_and_smooths_noise():
     d = RandGaussianBlurd(keys=("a", "b"), prob=1.0).set_random_state(0)({"a": noise, "b": noise.clone()})
     torch.testing.assert_close(d["a"], d["b"])
 
+
+
+def test_former_channel_keywords_still_work_with_a_warning() -> None:
+    """``num_channels`` (EnsureFloatImage[d]) and a preset's ``channels`` are the former names of
+    ``in_channels``: accepted for one release with MONAI's deprecation warning, same result as the new name."""
+    import warnings
+
+    from medssl_monai.transforms import get_preset
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current name does not warn
+        new = EnsureFloatImage(in_channels=1)(rgb)
+    with pytest.warns(FutureWarning, match="num_channels.*in_channels"):
+        old = EnsureFloatImage(num_channels=1)(rgb)
+    assert old.shape == (1, 5, 7) and torch.equal(torch.as_tensor(old), torch.as_tensor(new))
+    with pytest.warns(FutureWarning, match="num_channels.*in_channels"):
+        d = EnsureFloatImaged(keys="image", num_channels=3)
+    assert d.converter.in_channels == 3
+    with pytest.warns(FutureWarning, match="channels.*in_channels"):
+        pipeline = get_preset("chest_xray", channels=3)  # the preset's own default is 1
+    assert pipeline.transforms[0].converter.in_channels == 3

@@ -137,9 +137,39 @@ def test_from_preset_follows_the_preset_and_its_overrides() -> None:
     assert n.grayscale_prob == 0.2 and n.rot90_prob == 0.0 and n.blur_prob == 0.5
     with pytest.raises(ValueError, match="Rand2DElasticd"):
         BatchViews.from_preset("chest_xray", 32)
-    assert batch_views_for("natural", 32, views_on="cpu") is None
+    assert batch_views_for("natural", 32, views_on="host") is None
     with pytest.raises(ValueError, match="views_on"):
         batch_views_for("natural", 32, views_on="gpu")
+
+
+def test_views_on_cpu_is_the_former_name_of_host() -> None:
+    """``views_on: cpu`` (before the location words were unified with ``cache: none|host|device``) still
+    means ``host``, with a warning, wherever it is read: the transforms, the bundle dataset, the override check."""
+    import warnings
+
+    import pandas as pd
+
+    from medssl_monai.bundle.data import contrastive_dataset
+    from medssl_monai.bundle.overrides import check_override_values
+    from medssl_monai.transforms import views_location
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert views_location("host") == "host" and views_location("device") == "device"
+        assert check_override_values({"views_on": "host"}) == []
+    with pytest.warns(FutureWarning, match="'cpu' is the former name of 'host'"):
+        assert batch_views_for("natural", 32, views_on="cpu") is None
+    with pytest.warns(FutureWarning, match="former name"):
+        assert check_override_values({"views_on": "cpu"}, "pretrain") == []
+    assert check_override_values({"views_on": "gpu"}, "pretrain") == [
+        "pretrain.views_on: expected one of ['host', 'device'], got 'gpu'"]
+    rows = pd.DataFrame({"path": ["a.png", "b.png"], "patient_id": ["p", "p"], "study_uid": ["s", "s"]})
+    with pytest.warns(FutureWarning, match="former name"):
+        old = contrastive_dataset(rows, pairing="simclr", views_on="cpu")
+    new = contrastive_dataset(rows, pairing="simclr", views_on="host")
+    assert len(old) == len(new) == 2  # the per-item views dataset, as for host
+    assert [type(t).__name__ for t in old.dataset.transform.transforms] == \
+        [type(t).__name__ for t in new.dataset.transform.transforms]
 
 
 def test_micle_bundle_with_views_on_the_device(tmp_path: Path) -> None:
@@ -263,3 +293,11 @@ def test_per_item_and_batch_paths_agree_for_the_same_parameters() -> None:
         torch.testing.assert_close(y[k], ref, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="randomize"):
         views(x[:2], randomize=False)  # draws for 6 items do not fit a batch of 2
+
+
+def test_override_check_knows_the_same_view_locations() -> None:
+    """bundle/overrides.py stays free of torch, so it spells views_on's choices itself: they must agree."""
+    from medssl_monai.bundle.overrides import OVERRIDE_TYPES
+    from medssl_monai.transforms import VIEWS_ON
+
+    assert tuple(OVERRIDE_TYPES["views_on"].choices) == VIEWS_ON
