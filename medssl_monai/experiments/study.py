@@ -176,8 +176,9 @@ def validate_study(cfg: Mapping[str, Any], check_data: bool = True) -> list[str]
         for arm, chosen in per_arm.items():
             if arm not in arms:
                 problems.append(f"selection.strategies_per_arm: {arm!r} is not one of the study's arms {arms}")
-            elif not isinstance(chosen, list) or not chosen or any(c not in strategies for c in chosen):
-                problems.append(f"selection.strategies_per_arm.{arm}: a list of selection.strategies, got {chosen!r}")
+            elif not isinstance(chosen, list) or any(c not in strategies for c in chosen):  # []: features only
+                problems.append(f"selection.strategies_per_arm.{arm}: a list of selection.strategies "
+                                f"(empty: the arm is pretrained but fine-tunes nothing), got {chosen!r}")
         feats = sel.get("features", "phase1_micle")
         if feats != "phase1" and ARMS.get(feats, (False, None))[1] is None:
             problems.append(f"selection.features: 'phase1' or an arm with medical pretraining, got {feats!r}")

@@ -150,7 +150,7 @@ def test_a_declared_huge_answer_is_refused_unread(tmp_path):
         t0 = time.monotonic()
         with pytest.raises(PacsError, match=rf"^{url} declared an answer of 1,000,000,000,000 bytes, more than the cap"):
             fetch_dicomweb(url, tmp_path / "c", retries=2, deadline=5)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 4.5  # refused on the header, before the 5 s deadline (slack for a loaded CI)
 
 
 def test_an_undeclared_answer_stops_at_the_cap():

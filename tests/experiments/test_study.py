@@ -32,8 +32,12 @@ def test_study_configs_are_valid(path: Path) -> None:
         # strategies on MICLe, the random init beside it with random selection at least
         assert set(cfg["arms"]) == {"random", "phase1_micle"} and cfg["selection"]["level"] == "patient"
         assert set(cfg["selection"]["strategies"]) == {"random", "typiclust", "kcenter"}
-        assert "phase1_micle" not in (cfg["selection"].get("strategies_per_arm") or {})  # every strategy on MICLe
-        assert "random" in (cfg["selection"].get("strategies_per_arm") or {}).get("random", ["random"])
+        per_arm = cfg["selection"].get("strategies_per_arm") or {}
+        if "random_init" in path.name:  # the complement: the random init on the selections, MICLe pretrained only
+            assert per_arm == {"random": ["typiclust", "kcenter"], "phase1_micle": []}
+        else:
+            assert "phase1_micle" not in per_arm  # every strategy on MICLe
+            assert "random" in per_arm.get("random", ["random"])
         assert {0.01, 0.02, 0.05, 0.1} <= {float(f) for f in cfg["fractions"]}
         assert all(len(s) >= 3 for f, s in cfg["seeds"].items() if float(f) < 1)
         assert "blind" in cfg["predict_sets"]
@@ -342,6 +346,8 @@ def test_selection_study_trains_each_strategy_on_its_own_nested_budgets(tmp_path
     only = run_study_and_summarize({**cfg, "run_dir": "@study2", "fractions": [0.1], "seeds": {"0.1": [0]},
                                     "selection": {**cfg["selection"], "strategies_per_arm": {"random": ["kcenter"]}}})
     assert list(only["arm"]) == ["random:kcenter"]
+    # an empty list: the arm is pretrained (e.g. for the features) but fine-tunes no selection
+    assert not validate_study({**cfg, "selection": {**cfg["selection"], "strategies_per_arm": {"random": []}}})
 
 
 def test_selection_lease_config_is_random_vs_typiclust_on_the_lease_micle() -> None:
