@@ -51,7 +51,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
           "--config_file", str(single / "configs/train.json"), "--batch_size", "8", *common])
     multi = roots["multi"]
     configs = f"['{multi / 'configs/train.json'}','{multi / 'configs/multi_gpu_train.json'}']"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "monai.bundle", "run", "--bundle_root", str(multi), "--config_file", configs,
           "--batch_size", "4", *common])
     a = torch.load(single / "models/model.pt", weights_only=True)
@@ -69,7 +69,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     # negative control: without the cross-rank gather each rank only sees its own 4 items as negatives
     local = roots["local_negatives"]
     configs = f"['{local / 'configs/train.json'}','{local / 'configs/multi_gpu_train.json'}']"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           "-m", "monai.bundle", "run", "--bundle_root", str(local), "--config_file", configs,
           "--batch_size", "4", "--train#loss#gather_distributed", "False", *common])
     c = torch.load(local / "models/model.pt", weights_only=True)

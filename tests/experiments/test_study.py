@@ -85,6 +85,7 @@ def test_bad_study_config_is_refused(tmp_path: Path) -> None:
     assert any("learning_rate" in p for p in problems)
 
 
+@pytest.mark.timeout(1200)  # every arm pretrains and fine-tunes end to end: minutes on a loaded 2-core machine
 def test_tiny_study_runs(tmp_path: Path) -> None:
     from conftest import require_data
 

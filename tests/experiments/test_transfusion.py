@@ -119,6 +119,7 @@ def test_random_init_checkpoint_is_seeded(tmp_path: Path) -> None:
     assert not torch.equal(a["block2.cbr.conv.weight"], c["block2.cbr.conv.weight"])
 
 
+@pytest.mark.timeout(1200)  # five ResNet-18 fine-tunes end to end: minutes on a loaded 2-core machine
 def test_tiny_transfusion_runs(tmp_path: Path) -> None:
     from conftest import require_data
 
