@@ -279,8 +279,11 @@ def test_c_find_pending_forever_ends_at_the_deadline_or_cap(fault, archive, tmp_
             ds = _identifier(archive, "STUDY")
             ds.StudyInstanceUID = generate_uid()
             yield 0xFF00, ds
-            if fault == "pending_forever":
-                time.sleep(0.05)
+            # The flood sleeps 1 ms per answer: a generator that never lets go of the GIL starves this fake server's
+            # own sender thread (pynetdicom's DUL), whose answers then arrive in bursts seconds apart (measured on
+            # 2 idle cores: 50 answers in 4-10 s, the client waiting on the fake, not on its cap). A real PACS sends
+            # from its own process at a steady rate; 1 ms still floods 50 answers in well under a second.
+            time.sleep(0.05 if fault == "pending_forever" else 0.001)
 
     with fake_scp(on_find) as port:
         t0 = time.monotonic()
